@@ -1,0 +1,5 @@
+import sys
+
+from andromeda.cli import main
+
+sys.exit(main())

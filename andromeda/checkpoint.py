@@ -1,0 +1,165 @@
+"""Checkpoint folders: `config.json` + `model.safetensors` + tokenizer files [+ training state].
+
+    config.json        {"format": "andromeda", "version": 1, "model": {...}, "tokenizer": {...}, "meta": {...}}
+    model.safetensors  weights (tied head weight stored once, under embed.weight)
+    tokenizer.json     for Hugging Face tokenizers
+    train_state.pt     optional; written by the trainer, loaded with weights_only=True
+
+`save_checkpoint` writes into a temporary sibling folder and renames it into place, so a
+crash leaves either the previous folder or the complete new one. Weights never go through
+pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from andromeda.data.tokenizer import Tokenizer, load_tokenizer
+from andromeda.errors import UserError
+from andromeda.model.config import ModelConfig
+from andromeda.model.transformer import Transformer, build_model
+
+FORMAT = "andromeda"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def write_checkpoint_files(folder: Path, model: Transformer, tokenizer: Optional[Tokenizer],
+                           meta: Optional[dict] = None) -> None:
+    """Write config, weights and tokenizer into an existing (temporary) folder."""
+    folder = Path(folder)
+    config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(),
+              "tokenizer": tokenizer.spec() if tokenizer is not None else None, "meta": meta or {}}
+    save_file(_state_for_saving(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Create `dest` by filling a temporary sibling folder and renaming it into place.
+
+    With overwrite, an existing `dest` is moved aside first and removed only after the new
+    folder is in place; if the process dies in between, `dest.old` holds the old contents.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not overwrite:
+        raise UserError(f"{dest} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        old = dest.with_name(dest.name + ".old")
+        if dest.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(dest: Path, model: Transformer, tokenizer: Optional[Tokenizer] = None,
+                    meta: Optional[dict] = None,
+                    extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Atomically write a checkpoint folder; `extra(folder)` may add files (training state)."""
+    try:
+        def fill(folder: Path) -> None:
+            write_checkpoint_files(folder, model, tokenizer, meta)
+            if extra is not None:
+                extra(folder)
+        return atomic_folder_write(Path(dest), fill)
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {dest}: {e.strerror or e}") from None
+
+
+def read_config(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder not found: {folder}")
+    path = folder / CONFIG
+    if not path.exists():
+        raise UserError(f"{folder} is not an andromeda checkpoint (no {CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if config.get("format") != FORMAT:
+        raise UserError(f"{path} is not an andromeda checkpoint config (format={config.get('format')!r}); "
+                        "for a Hugging Face folder run `andromeda convert --from-hf`")
+    return config
+
+
+def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer, Optional[Tokenizer], dict]:
+    """Load (model in eval mode, tokenizer or None, config dict) from a checkpoint folder."""
+    folder = Path(folder)
+    config = read_config(folder)
+    cfg = ModelConfig.from_dict(config["model"])
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise UserError(f"checkpoint {folder} has no {WEIGHTS}")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"cannot read {weights}: {e}") from None
+    model = build_model(cfg, device="meta")
+    load_weights(model, state, str(weights), device=device or "cpu")
+    if dtype is not None:
+        model = model.to(dtype)
+    tok_spec = config.get("tokenizer")
+    tokenizer = load_tokenizer(tok_spec, folder) if tok_spec else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+    return model.eval(), tokenizer, config
+
+
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str, device="cpu") -> None:
+    """Load a full state dict into a model built on the meta device, with errors that name
+    the tensor; derived buffers (rotary tables, ALiBi slopes) are recomputed on `device`."""
+    expected = model.state_dict()
+    if model.cfg.tie_embeddings:
+        expected.pop("head.weight", None)
+        state = {k: v for k, v in state.items() if k != "head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source} does not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
+                            f"config expects {tuple(expected[name].shape)}")
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=False)
+    if model.cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()

@@ -1,0 +1,70 @@
+"""The `andromeda` command: one table of subcommands -> modules.
+
+Each subcommand lives in `andromeda/commands/<name>.py` with `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their command runs, so `--help` is fast.
+A `UserError` (bad input) prints one line on stderr and exits 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from andromeda.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("andromeda.commands.presets", "list the named model configurations"),
+    "prepare": ("andromeda.commands.prepare", "tokenize text/JSONL/Parquet/datasets into token shards"),
+    "train": ("andromeda.commands.train", "train a model from a preset or config"),
+    "eval": ("andromeda.commands.eval", "loss, perplexity and bits per byte of a checkpoint"),
+    "generate": ("andromeda.commands.generate", "generate text from a checkpoint"),
+    "chat": ("andromeda.commands.chat", "interactive chat with a checkpoint"),
+    "convert": ("andromeda.commands.convert", "import a Hugging Face model folder"),
+    "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
+    "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="andromeda",
+        description="Build, train, evaluate and run efficient decoder-only language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in _available().items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:
+        print(f"andromeda {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors that mean "the user asked for something impossible".
+
+The CLI prints these as one line on stderr and exits non-zero; anything else
+is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in user input: bad config value, missing file, unknown name."""
+
+
+class ConfigError(UserError, ValueError):
+    """A model or training config that cannot work; the message says what to change."""

@@ -1,0 +1,75 @@
+"""Inference state, preallocated once and passed into `Transformer.forward`.
+
+- `KVCache`: static keys/values for one attention layer, (B, kv_heads, max_len, head_dim):
+  only the KV heads are stored, so multi-query and grouped-query attention save memory for
+  real. Writes go to absolute positions; reads return the written prefix (int positions) or
+  the whole buffer plus slot positions (tensor positions, for compiled decoding), in which
+  case unwritten slots sit "in the future" and the causal rule masks them.
+- `ShiftState`: the last `n` inputs of a token-shift site, so token shift stays exact when
+  decoding one token at a time.
+- `ModelCache`: one state object per layer, made by each layer's `init_state` so mixers other
+  than attention (e.g. Mamba) bring their own state type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+Pos = Union[int, torch.Tensor]
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def update(self, start_pos: Pos, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, KVH, L, hd) at positions start_pos.. and return (k_all, v_all, k_pos)."""
+        length = k.shape[2]
+        if isinstance(start_pos, int):
+            end = start_pos + length
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+            self.k[:, :, start_pos:end] = k
+            self.v[:, :, start_pos:end] = v
+            k_pos = torch.arange(end, device=k.device)
+            return self.k[:, :, :end], self.v[:, :, :end], k_pos
+        index = start_pos + torch.arange(length, device=k.device)
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        return self.k, self.v, torch.arange(self.max_len, device=k.device)
+
+
+class ShiftState(nn.Module):
+    """The last `n` rows fed to a token-shift site, oldest first, (B, n, D)."""
+
+    def __init__(self, batch: int, n: int, dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.register_buffer("past", torch.zeros(batch, n, dim, dtype=dtype, device=device), persistent=False)
+
+
+class LayerState(nn.Module):
+    """Named sub-states of one layer ('kv', 'shift_attn', 'shift_ffn', 'ssm', ...)."""
+
+    def __init__(self, **parts: Any):
+        super().__init__()
+        for name, part in parts.items():
+            setattr(self, name, part)
+
+    def get(self, name: str):
+        return getattr(self, name, None)
+
+
+class ModelCache(nn.Module):
+    def __init__(self, layers: list[nn.Module], max_len: int, batch: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.max_len = max_len
+        self.batch = batch

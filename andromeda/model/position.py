@@ -1,0 +1,150 @@
+"""Positional schemes: rotary (RoPE) with context-extension scalings, xPos, ALiBi.
+
+- `rope_inverse_frequencies(cfg, head_dim, max_seq_len)`: RoPE frequencies after 'linear'
+  (Chen et al. 2023, position interpolation), 'ntk' (NTK-aware base change), 'yarn'
+  (Peng et al. 2023) or 'llama3' scaling, plus the attention factor YaRN asks for.
+- `Rotary`: turns absolute positions into (cos, sin[, xpos scale]) once per forward; the
+  same tables serve every layer. Positions may be a tensor, so cached decoding and compiled
+  decoding share one code path.
+- `apply_rotary(x, cos, sin)`: the rotate-half convention of GPT-NeoX / Llama, so Hugging Face
+  weights load without permuting q and k.
+- `alibi_slopes(n)`: the head slopes of Press et al. 2021 ("Train Short, Test Long").
+
+Positions are absolute token indices; all schemes here depend only on differences of
+positions in the attention score, which is what makes cached decoding exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from andromeda.model.config import ModelConfig, PositionConfig
+
+
+def rope_inverse_frequencies(p: PositionConfig, rot_dim: int, max_seq_len: int) -> tuple[torch.Tensor, float]:
+    """Return (inv_freq of shape (rot_dim/2,), attention scaling factor for cos/sin)."""
+    theta = p.rope_theta
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim
+    factor = p.rope_factor
+    if p.rope_scaling == "ntk":
+        # NTK-aware: stretch the base so the lowest frequency is interpolated by `factor`
+        # while the highest stays put ("NTK-Aware Scaled RoPE", bloc97, 2023).
+        theta = theta * factor ** (rot_dim / (rot_dim - 2))
+    inv_freq = 1.0 / theta ** exponents
+    attn_factor = 1.0
+    original = p.original_max_seq_len or max(1, int(max_seq_len / factor))
+    if p.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif p.rope_scaling == "yarn":
+        # YaRN: interpolate low frequencies, keep high ones, linear ramp between the
+        # dimensions that complete beta_slow..beta_fast turns over the original context.
+        def correction_dim(turns: float) -> float:
+            return rot_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(p.rope_theta))
+
+        low = max(math.floor(correction_dim(p.yarn_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(p.yarn_beta_slow)), rot_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1.0 - ramp  # 1 = extrapolate (unchanged), 0 = interpolate
+        inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+        attn_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    elif p.rope_scaling == "llama3":
+        # Llama 3.1: wavelengths longer than original/low_freq_factor are divided by factor,
+        # shorter than original/high_freq_factor kept, smooth blend in between.
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = original / p.llama3_low_freq_factor
+        high_wavelen = original / p.llama3_high_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - p.llama3_low_freq_factor) / (
+            p.llama3_high_freq_factor - p.llama3_low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float(), attn_factor
+
+
+class RotaryTables(NamedTuple):
+    cos: torch.Tensor  # (L, rot_dim) in the compute dtype
+    sin: torch.Tensor  # (L, rot_dim)
+    xpos_q: Optional[torch.Tensor]  # (L, rot_dim) multiplier for q, None without xPos
+    xpos_k: Optional[torch.Tensor]  # (L, rot_dim) multiplier for k
+
+
+class Rotary(nn.Module):
+    """Computes rotary tables for a vector of absolute positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p = self.pcfg = cfg.position
+        self.max_seq_len = cfg.max_seq_len
+        self.rot_dim = p.rope_dim or cfg.head_dim
+        self.xpos = p.kind == "xpos"
+        self.xpos_base = p.xpos_scale_base
+        self.xpos_max_power = p.xpos_max_power
+        # Centre the xPos exponent on the trained context so q and k scales stay near 1 there.
+        self.xpos_centre = cfg.max_seq_len // 2
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.register_buffer("xpos_zeta", None, persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived tables, e.g. after loading onto a meta-built model."""
+        device = self.inv_freq.device if self.inv_freq is not None and not self.inv_freq.is_meta else None
+        inv_freq, self.attn_factor = rope_inverse_frequencies(self.pcfg, self.rot_dim, self.max_seq_len)
+        self.inv_freq = inv_freq.to(device) if device is not None else inv_freq
+        if self.xpos:
+            half = torch.arange(0, self.rot_dim, 2, dtype=torch.float32)
+            zeta = (half + 0.4 * self.rot_dim) / (1.4 * self.rot_dim)  # per-frequency decay base < 1
+            self.xpos_zeta = torch.cat([zeta, zeta]).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (L, rot/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.attn_factor).to(dtype)
+        sin = (emb.sin() * self.attn_factor).to(dtype)
+        if not self.xpos:
+            return RotaryTables(cos, sin, None, None)
+        power = ((positions.float() - self.xpos_centre) / self.xpos_base)
+        power = power.clamp(-self.xpos_max_power, self.xpos_max_power)[:, None]
+        scale = self.xpos_zeta[None, :] ** power  # (L, rot)
+        return RotaryTables(cos, sin, scale.to(dtype), scale.reciprocal().to(dtype))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x (B, H, L, hd) by position."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        out = x * cos + _rotate_half(x) * sin
+        return out * scale if scale is not None else out
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    out = x_rot * cos + _rotate_half(x_rot) * sin
+    if scale is not None:
+        out = out * scale
+    return torch.cat([out, x_pass], dim=-1)
+
+
+def alibi_slopes(n: int) -> torch.Tensor:
+    """ALiBi head slopes: geometric 2^(-8/n) for n a power of two; otherwise the closest power
+    of two's slopes plus every other slope of the next one (Press et al. 2021, section 3)."""
+
+    def power_of_two(k: int) -> list[float]:
+        start = 2 ** (-8 / k)
+        return [start ** (i + 1) for i in range(k)]
+
+    if n <= 0:
+        return torch.zeros(0)
+    if math.log2(n).is_integer():
+        return torch.tensor(power_of_two(n))
+    closest = 2 ** math.floor(math.log2(n))
+    return torch.tensor(power_of_two(closest) + power_of_two(2 * closest)[0::2][: n - closest])

@@ -1,0 +1,127 @@
+"""Named model configurations, as plain data (nested dicts of ModelConfig fields).
+
+`get_preset(name)` returns a validated ModelConfig; `PRESETS` maps name -> (description, dict).
+Sizes of the Andromeda family follow the spec's configs (dim_head 128, two KV heads, ALiBi
+on part of the heads plus xPos, QK-norm with a learned per-dim scale); x-transformers'
+defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from andromeda.errors import UserError
+from andromeda.model.config import ModelConfig
+
+
+def _andromeda_size(vocab: int, seq: int, dim: int, depth: int, heads: int, alibi: int) -> dict:
+    return dict(vocab_size=vocab, max_seq_len=seq, dim=dim, depth=depth,
+                attention=dict(heads=heads, kv_heads=2, head_dim=128, qk_norm="layer", qk_norm_dim_scale=True),
+                position=dict(kind="xpos", alibi_heads=alibi),
+                norm=dict(kind="layer", placement="pre"), mlp=dict(kind="gelu"))
+
+
+ANDROMEDA = dict(
+    vocab_size=64007, max_seq_len=8192, dim=512, depth=6,
+    attention=dict(heads=8, kv_heads=1),
+    position=dict(kind="xpos", alibi_heads=4),
+    norm=dict(kind="layer", placement="deepnorm"),
+    mlp=dict(kind="gelu"),
+    block=dict(shift_tokens=1),
+)
+
+LLAMA_1B = dict(  # Llama 3.2 1B shape
+    vocab_size=128256, max_seq_len=8192, dim=2048, depth=16, tie_embeddings=False,
+    attention=dict(heads=32, kv_heads=8),
+    position=dict(kind="rope", rope_theta=500000.0),
+    norm=dict(kind="rms", placement="pre", eps=1e-5),
+    mlp=dict(kind="swiglu", hidden_dim=8192),
+)
+
+GPT2 = dict(  # GPT-2 small (124M): learned positions, LayerNorm with bias, GELU MLP with bias
+    vocab_size=50304, max_seq_len=1024, dim=768, depth=12, tie_embeddings=True,
+    attention=dict(heads=12, bias=True),
+    position=dict(kind="learned"),
+    norm=dict(kind="layer", bias=True),
+    mlp=dict(kind="gelu", bias=True),
+)
+
+OPTIMUS_PRIME = dict(
+    vocab_size=50257, max_seq_len=2048, dim=1024, depth=8,
+    attention=dict(heads=8, kv_heads=2),
+    position=dict(kind="rope"),
+    norm=dict(kind="rms"),
+    mlp=dict(kind="swiglu"),
+    block=dict(checkpoint_activations=True),
+)
+
+MINIMAL_SOTA = dict(  # Mistral-style baseline with parallel blocks
+    vocab_size=32000, max_seq_len=8192, dim=1024, depth=16,
+    attention=dict(heads=16, kv_heads=4, bias=False, dropout=0.0),
+    position=dict(kind="rope", rope_scaling="linear", rope_factor=2.0),
+    norm=dict(kind="rms", placement="pre"),
+    mlp=dict(kind="swiglu", multiple_of=256),
+    block=dict(parallel=True),
+)
+
+
+def _tiny(base: dict, **changes) -> dict:
+    """A CPU-sized variant of `base`: same architecture, small widths."""
+    cfg = copy.deepcopy(base)
+    cfg.update(vocab_size=288, max_seq_len=256, dim=64, depth=2)  # 288 >= 257 byte ids
+    att = cfg["attention"]
+    kv = att.get("kv_heads") or att["heads"]
+    if kv == 1:
+        tiny_kv = 1  # multi-query stays multi-query
+    elif kv < att["heads"]:
+        tiny_kv = 2  # grouped-query stays grouped
+    else:
+        tiny_kv = 4
+    att.update(heads=4, kv_heads=tiny_kv)
+    att.pop("head_dim", None)
+    if cfg.get("position", {}).get("alibi_heads", 0) > 0:
+        cfg["position"]["alibi_heads"] = 2
+    cfg.get("mlp", {}).pop("hidden_dim", None)
+    cfg.get("mlp", {}).update(multiple_of=16)
+    for key, value in changes.items():
+        cfg[key] = value
+    return cfg
+
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    "andromeda": ("the spec's model: ALiBi on 4 heads + xPos, DeepNorm, token shift, multi-query", ANDROMEDA),
+    "andromeda-1b": ("Andromeda size family, 1B", _andromeda_size(25000, 4192, 2048, 16, 8, 4)),
+    "andromeda-3b": ("Andromeda size family, 3B", _andromeda_size(50432, 8192, 3072, 24, 12, 6)),
+    "andromeda-7b": ("Andromeda size family, 7B", _andromeda_size(50432, 8192, 4096, 32, 16, 8)),
+    "andromeda-10b": ("Andromeda size family, 10B", _andromeda_size(50432, 8192, 5120, 32, 20, 4)),
+    "andromeda-15b": ("Andromeda size family, 15B", _andromeda_size(50432, 8192, 6144, 40, 24, 4)),
+    "optimus-prime": ("GQA, RoPE, SwiGLU, RMSNorm, activation checkpointing", OPTIMUS_PRIME),
+    "minimal-sota": ("Mistral-style: RMSNorm, RoPE with interpolation, SwiGLU, parallel blocks, GQA", MINIMAL_SOTA),
+    "llama": ("Llama 3.2 1B shape, for decode benchmarks against peers", LLAMA_1B),
+    "gpt2": ("GPT-2 small (124M) shape, for training benchmarks against nanoGPT", GPT2),
+    "andromeda-tiny": ("CPU-sized andromeda", _tiny(ANDROMEDA)),
+    "optimus-prime-tiny": ("CPU-sized optimus-prime", _tiny(OPTIMUS_PRIME)),
+    "minimal-sota-tiny": ("CPU-sized minimal-sota", _tiny(MINIMAL_SOTA)),
+    "llama-tiny": ("CPU-sized llama", _tiny(LLAMA_1B)),
+    "gpt2-tiny": ("CPU-sized gpt2", _tiny(GPT2)),
+    # nanoGPT's "baby GPT" for Tiny Shakespeare (6x384, ctx 256), char vocabulary 65.
+    "shakespeare-char": ("6x384 char-level model (nanoGPT baby GPT size) with RoPE/SwiGLU/RMSNorm", dict(
+        vocab_size=65, max_seq_len=256, dim=384, depth=6,
+        attention=dict(heads=6), position=dict(kind="rope"), norm=dict(kind="rms"),
+        mlp=dict(kind="swiglu", dropout=0.2), embed_dropout=0.2, block=dict(residual_dropout=0.0))),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; run `andromeda presets` to list them")
+    return ModelConfig.from_dict(copy.deepcopy(PRESETS[name][1]))
+
+
+def preset_dict(name: str) -> dict:
+    get_preset(name)  # validates the name
+    return copy.deepcopy(PRESETS[name][1])
