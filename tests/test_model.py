@@ -33,6 +33,7 @@ VARIANTS = {
     "xpos": dict(position=dict(kind="xpos", xpos_scale_base=16.0)),
     "alibi-all": dict(position=dict(kind="none", alibi_heads=-1)),
     "alibi-xpos-mqa": dict(attention=dict(heads=4, kv_heads=1), position=dict(kind="xpos", alibi_heads=2)),
+    "alibi-gqa": dict(attention=dict(heads=4, kv_heads=2), position=dict(kind="rope", alibi_heads=2)),
     "layernorm-post": dict(norm=dict(kind="layer", placement="post")),
     "deepnorm": dict(norm=dict(kind="layer", placement="deepnorm")),
     "geglu": dict(mlp=dict(kind="geglu")),
@@ -114,8 +115,10 @@ def test_tensor_positions_match_int_positions(variant):
     assert torch.allclose(full, torch.cat(parts, 1), atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", ["mha-rope", "alibi-all", "alibi-xpos-mqa", "window", "gqa"])
+@pytest.mark.parametrize("variant", ["mha-rope", "alibi-all", "alibi-xpos-mqa", "alibi-gqa", "window", "gqa"])
 def test_reference_backend_matches_sdpa(variant):
+    """'auto' (which splits ALiBi and plain heads between kernels) and forced SDPA with a
+    mask agree with the explicit-bias reference."""
     model = make(variant)
     x = tokens()
     with torch.no_grad():

@@ -77,6 +77,7 @@ class Attention(nn.Module):
             # One new token after an int-positioned prefix: every returned key is visible.
             all_visible = L == 1 and isinstance(ctx.start_pos, int)
         spec = AttnSpec(q_pos=ctx.positions, k_pos=k_pos, scale=self.scale, alibi=self.alibi,
+                        alibi_heads=self.n_alibi,
                         window=self.window, doc_ids=ctx.doc_ids, plain_causal=plain, all_visible=all_visible,
                         dropout=self.dropout if self.training else 0.0, backend=self.backend)
         out = attend(q, k, v, spec)  # (B, H, L, hd)

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass
 class AttnSpec:
-    q_pos: torch.Tensor  # (Lq,) absolute positions of the queries
+    q_pos: torch.Tensor  # (Lq,) absolute positions of the queries, or (B, Lq) per sequence
     k_pos: torch.Tensor  # (Lk,) absolute positions of the keys
     scale: float
     alibi: Optional[torch.Tensor] = None  # (H,) slopes; zeros for heads without ALiBi
+    alibi_heads: int = 0  # the first alibi_heads heads have non-zero slopes
     window: Optional[int] = None
     doc_ids: Optional[torch.Tensor] = None  # (B, L) document index per token (no cache)
     dropout: float = 0.0
@@ -63,12 +64,17 @@ def choose_backend(spec: AttnSpec, device: torch.device) -> str:
         return name
     if not _modified(spec) or spec.dropout > 0:
         return "sdpa"
-    return "flex" if device.type == "cuda" else "reference"
+    # Decoding (one query row, or per-sequence positions): the explicit bias is only
+    # (B, H, 1, Lk), cheaper than building a block mask at every step.
+    decoding = spec.q_pos.dim() == 2 or spec.q_pos.shape[0] == 1
+    return "flex" if device.type == "cuda" and not decoding else "reference"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     """q (B, H, Lq, hd), k and v (B, KVH, Lk, hd) with H % KVH == 0 -> (B, H, Lq, hd)."""
     backend = choose_backend(spec, q.device)
+    if backend != "sdpa" and _FORCED is None and _can_split_alibi(spec, q.shape[1], k.shape[1]):
+        return _split_alibi(q, k, v, spec, backend)
     if backend == "flex":
         return _flex(q, k, v, spec)
     gqa = q.shape[1] != k.shape[1]
@@ -85,19 +91,48 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) ->
                                           scale=spec.scale, enable_gqa=gqa)
 
 
+def _can_split_alibi(spec: AttnSpec, heads: int, kv_heads: int) -> bool:
+    """ALiBi on only some heads, nothing else modifying scores: the plain heads can take the
+    flash kernel. Needs the ALiBi heads to own whole KV groups (always true for MQA)."""
+    n = spec.alibi_heads
+    if spec.alibi is None or not 0 < n < heads or spec.window is not None or spec.doc_ids is not None:
+        return False
+    if not spec.plain_causal or spec.dropout > 0:
+        return False
+    return kv_heads == 1 or n % (heads // kv_heads) == 0
+
+
+def _split_alibi(q, k, v, spec: AttnSpec, backend: str) -> torch.Tensor:
+    """Heads [0, n) with ALiBi through the bias-capable backend, heads [n, H) through
+    SDPA's causal flash path; outputs concatenated back in head order."""
+    n, heads, kv_heads = spec.alibi_heads, q.shape[1], k.shape[1]
+    kv_n = kv_heads if kv_heads == 1 else n // (heads // kv_heads)
+    kv_rest = slice(0, 1) if kv_heads == 1 else slice(kv_n, kv_heads)
+    biased_spec = dataclasses.replace(spec, alibi=spec.alibi[:n], backend=backend)
+    biased = attend_with(backend, q[:, :n], k[:, :kv_n], v[:, :kv_n], biased_spec)
+    plain_spec = dataclasses.replace(spec, alibi=None, alibi_heads=0, backend="sdpa")
+    plain = attend_with("sdpa", q[:, n:], k[:, kv_rest], v[:, kv_rest], plain_spec)
+    return torch.cat([biased, plain], dim=1)
+
+
+def attend_with(backend: str, q, k, v, spec: AttnSpec) -> torch.Tensor:
+    with force_backend(backend):
+        return attend(q, k, v, spec)
+
+
 def score_bias(spec: AttnSpec, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive bias (B or 1, H or 1, Lq, Lk): -inf where masked, -slope*distance for ALiBi."""
-    dist = spec.q_pos[:, None] - spec.k_pos[None, :]  # (Lq, Lk), >= 0 for visible keys
+    dist = spec.q_pos[..., :, None] - spec.k_pos  # (Lq, Lk) or per sequence (B, Lq, Lk); >= 0 if visible
+    dist = dist[:, None] if dist.dim() == 3 else dist[None, None]  # (B or 1, 1, Lq, Lk)
     allowed = dist >= 0
     if spec.window is not None:
         allowed = allowed & (dist < spec.window)
-    allowed = allowed[None, None]  # (1, 1, Lq, Lk)
     if spec.doc_ids is not None:
         same = spec.doc_ids[:, :, None] == spec.doc_ids[:, None, :]  # (B, L, L)
         allowed = allowed & same[:, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=dist.device)
     if spec.alibi is not None:
-        bias = bias - spec.alibi.to(dtype)[None, :, None, None] * dist.to(dtype)[None, None]
+        bias = bias - spec.alibi.to(dtype)[None, :, None, None] * dist.to(dtype)
     return bias.masked_fill(~allowed, float("-inf"))
 
 
@@ -119,9 +154,10 @@ def _block_mask(spec: AttnSpec, batch: int, lq: int, lk: int, device):
     (memory O(L^2 / block^2), not O(L^2)). Cached when it depends only on shapes."""
     from torch.nn.attention.flex_attention import create_block_mask
     q_pos, k_pos, window, doc = spec.q_pos, spec.k_pos, spec.window, spec.doc_ids
+    per_sequence = q_pos.dim() == 2
 
     def mask_mod(b, h, qi, ki):
-        qp, kp = q_pos[qi], k_pos[ki]
+        qp, kp = (q_pos[b, qi] if per_sequence else q_pos[qi]), k_pos[ki]
         ok = kp <= qp
         if window is not None:
             ok = ok & (qp - kp < window)
@@ -133,7 +169,7 @@ def _block_mask(spec: AttnSpec, batch: int, lq: int, lk: int, device):
     key = (lq, lk, window, str(device))
     if cacheable and key in _block_masks:
         return _block_masks[key]
-    mask = create_block_mask(mask_mod, batch if doc is not None else None, None, lq, lk,
+    mask = create_block_mask(mask_mod, batch if doc is not None or per_sequence else None, None, lq, lk,
                              device=device, _compile=True)
     if cacheable:
         _block_masks[key] = mask
@@ -147,7 +183,8 @@ def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
         slopes = slopes.to(torch.float32)
 
         def score_mod(score, b, h, qi, ki):
-            return score - slopes[h] * (q_pos[qi] - k_pos[ki]).to(torch.float32)
+            qp = q_pos[b, qi] if q_pos.dim() == 2 else q_pos[qi]
+            return score - slopes[h] * (qp - k_pos[ki]).to(torch.float32)
 
     mask = _block_mask(spec, q.shape[0], q.shape[2], k.shape[2], q.device)
     return _flex_fn()(q, k, v, score_mod=score_mod, block_mask=mask, scale=spec.scale,
