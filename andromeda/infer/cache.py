@@ -4,7 +4,8 @@
   only the KV heads are stored, so multi-query and grouped-query attention save memory for
   real. Writes go to absolute positions; reads return the written prefix (int positions) or
   the whole buffer plus slot positions (tensor positions, for compiled decoding), in which
-  case unwritten slots sit "in the future" and the causal rule masks them.
+  case unwritten slots sit "in the future" and the causal rule masks them. A (B,) tensor of
+  positions lets every sequence of a batch write at its own position.
 - `ShiftState`: the last `n` inputs of a token-shift site, so token shift stays exact when
   decoding one token at a time.
 - `ModelCache`: one state object per layer, made by each layer's `init_state` so mixers other
@@ -41,9 +42,18 @@ class KVCache(nn.Module):
             self.v[:, :, start_pos:end] = v
             k_pos = torch.arange(end, device=k.device)
             return self.k[:, :, :end], self.v[:, :, :end], k_pos
-        index = start_pos + torch.arange(length, device=k.device)
-        self.k.index_copy_(2, index, k)
-        self.v.index_copy_(2, index, v)
+        steps = torch.arange(length, device=k.device)
+        if start_pos.dim() == 1:
+            # Per-sequence positions (B,): row b writes at start_pos[b]..; the slots another
+            # row has not reached sit in its future and the causal rule masks them.
+            index = start_pos[:, None] + steps  # (B, L)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, index] = k.transpose(1, 2)  # advanced indices first: (B, L, KVH, hd)
+            self.v[rows, :, index] = v.transpose(1, 2)
+        else:
+            index = start_pos + steps
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
         return self.k, self.v, torch.arange(self.max_len, device=k.device)
 
 

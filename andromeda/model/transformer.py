@@ -3,7 +3,9 @@
 `Transformer(cfg)` builds every architecture of the spec from a `ModelConfig`.
 `forward(tokens, cache=None, start_pos=0, ...)` is the only entry point: training passes no
 cache; inference makes one with `new_cache(batch, max_len)` and passes it with the absolute
-position of the first token (an int, or a 0-d tensor for compiled decoding).
+position of the first token (an int, or a 0-d tensor for compiled decoding, or a (B,)
+tensor giving each sequence its own position, for batched decoding of prompts of different
+lengths).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from andromeda.model.position import Rotary, RotaryTables
 class Context:
     """What every layer needs to know about the current forward call."""
 
-    positions: torch.Tensor  # (L,) absolute positions of the input tokens
+    positions: torch.Tensor  # (L,) absolute positions of the input tokens, or (B, L) per sequence
     start_pos: Union[int, torch.Tensor]
     rotary: Optional[RotaryTables]
     plain_causal: bool  # positions are arange(L) and keys are exactly these tokens
@@ -77,7 +79,9 @@ class Transformer(nn.Module):
         B, L = tokens.shape
         if cache is not None and doc_ids is not None:
             raise ValueError("document masks are for packed training; they do not combine with a cache")
-        positions = start_pos + torch.arange(L, device=tokens.device)
+        steps = torch.arange(L, device=tokens.device)
+        per_sequence = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
+        positions = start_pos[:, None] + steps if per_sequence else start_pos + steps  # (L,) or (B, L)
         x = self.embed(tokens)  # (B, L, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
