@@ -5,6 +5,9 @@
   plus an end-of-text id.
 - `HFTokenizer`: any Hugging Face `tokenizer.json` (BPE trained here with `tokenizers`, or
   one imported from a model folder); encodes exactly as the `tokenizers` library does.
+- `SentencePieceTokenizer`: a SentencePiece `.model` file (needs the optional `sentencepiece`).
+- `train_bpe(texts, vocab_size)`: a byte-level BPE (GPT-2 style) with an end-of-text token.
+- `tokenizer_from_path(path)`: a tokenizer.json, a folder holding one, or a .model file.
 
 `tokenizer.spec()` is the JSON stored in checkpoint config.json; `tokenizer.save(folder)`
 writes any files the spec names; `load_tokenizer(spec, folder)` inverts both.
@@ -112,11 +115,122 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def bytes_of(self, ids: Sequence[int]) -> int:
+        # Special tokens (end-of-text) stand for no text, so they count no bytes.
+        return len(self.tok.decode(list(ids), skip_special_tokens=True).encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (the library spreads them over threads)."""
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def spec(self) -> dict:
         return {"kind": "hf", "file": self.FILE, "eos_token": self.eos_token, "bos_token": self.bos_token}
 
     def save(self, folder: Path) -> None:
         self.tok.save(str(Path(folder) / self.FILE))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (Kudo & Richardson, 2018), kept as its serialized proto so the
+    saved copy is byte-identical to the file it was loaded from."""
+
+    kind = "sentencepiece"
+    FILE = "tokenizer.model"
+
+    def __init__(self, proto: bytes):
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise UserError("SentencePiece .model files need the optional package: "
+                            "pip install sentencepiece") from None
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(proto)
+        except Exception as e:  # the library raises RuntimeError/OSError with C++ messages
+            raise UserError(f"cannot read SentencePiece model: {e}") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @classmethod
+    def from_file(cls, path: Path) -> "SentencePieceTokenizer":
+        return cls(Path(path).read_bytes())
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def spec(self) -> dict:
+        return {"kind": "sentencepiece", "file": self.FILE}
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / self.FILE).write_bytes(self.proto)
+
+
+EOT_TOKEN = "<|endoftext|>"
+# Names that end a document in common tokenizer.json files, tried when no
+# tokenizer_config.json sits beside the file to say which one it is.
+_EOS_NAMES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2's scheme, Radford et al. 2019) on an iterable of texts.
+
+    Byte-level means every string is encodable (no unknown token); `<|endoftext|>` is the
+    only special token and ends documents."""
+    from tokenizers import Tokenizer as _HFTok, decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise UserError(f"bpe vocab size must be at least {len(alphabet) + 1} "
+                        f"(256 byte symbols + end-of-text), got {vocab_size}")
+    tok = _HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOT_TOKEN], initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tok, eos_token=EOT_TOKEN)
+
+
+def _eos_token_of(path: Path, tok) -> Optional[str]:
+    config = path.parent / "tokenizer_config.json"
+    if config.exists():
+        try:
+            eos = json.loads(config.read_text()).get("eos_token")
+        except json.JSONDecodeError:
+            eos = None
+        if isinstance(eos, dict):  # older configs store an AddedToken dict
+            eos = eos.get("content")
+        if isinstance(eos, str) and tok.token_to_id(eos) is not None:
+            return eos
+    return next((name for name in _EOS_NAMES if tok.token_to_id(name) is not None), None)
+
+
+def tokenizer_from_path(path) -> Tokenizer:
+    """Load an existing tokenizer: tokenizer.json (or a folder holding one) or a
+    SentencePiece .model file. The end-of-text token comes from tokenizer_config.json
+    beside the file, else from common names; a tokenizer without one is refused because
+    documents are joined with it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / HFTokenizer.FILE
+    if not path.exists():
+        raise UserError(f"tokenizer file not found: {path}")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer.from_file(path)
+    if path.suffix != ".json":
+        raise UserError(f"unknown tokenizer file {path}: expected a tokenizer.json or a SentencePiece .model")
+    probe = HFTokenizer.from_file(path)
+    eos = _eos_token_of(path, probe.tok)
+    if eos is None:
+        raise UserError(f"{path} has no end-of-text token (tried tokenizer_config.json and "
+                        f"{', '.join(_EOS_NAMES)}); documents are joined with one")
+    return HFTokenizer(probe.tok, eos_token=eos)
 
 
 def load_tokenizer(spec: dict, folder: Optional[Path] = None) -> Tokenizer:
@@ -132,6 +246,13 @@ def load_tokenizer(spec: dict, folder: Optional[Path] = None) -> Tokenizer:
         if not path.exists():
             raise UserError(f"tokenizer file missing: {path}")
         return HFTokenizer.from_file(path, spec.get("eos_token"), spec.get("bos_token"))
+    if kind == "sentencepiece":
+        if folder is None:
+            raise UserError("a sentencepiece tokenizer spec needs the folder that holds its model file")
+        path = Path(folder) / spec.get("file", SentencePieceTokenizer.FILE)
+        if not path.exists():
+            raise UserError(f"tokenizer file missing: {path}")
+        return SentencePieceTokenizer.from_file(path)
     if kind in _EXTRA_LOADERS:
         return _EXTRA_LOADERS[kind](spec, folder)
     raise UserError(f"unknown tokenizer kind {kind!r} in {json.dumps(spec)[:200]}")
