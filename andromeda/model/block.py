@@ -19,6 +19,7 @@ from torch import nn
 from andromeda.infer.cache import LayerState, ShiftState
 from andromeda.model.attention import Attention
 from andromeda.model.config import ModelConfig
+from andromeda.model.layout import mixer_for_layer, mod_for_layer
 from andromeda.model.mlp import build_ffn
 from andromeda.model.norm import build_norm
 
@@ -137,11 +138,24 @@ class ParallelBlock(nn.Module):
 
 # name -> constructor(cfg, layer_idx); option families that add mixers (e.g. Mamba) add a
 # row here and a rule in `mixer_kind`.
-MIXERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"attention": Attention}
+def _mamba(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    from andromeda.model.mamba import Mamba
+
+    return Mamba(cfg, layer_idx)
+
+
+def _moa(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    from andromeda.model.moa import MixtureOfAttentionHeads
+
+    return MixtureOfAttentionHeads(cfg, layer_idx)
+
+
+MIXERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"attention": Attention, "mamba": _mamba, "moa": _moa}
 
 
 def mixer_kind(cfg: ModelConfig, layer_idx: int) -> str:
-    return "attention"
+    """Which mixer layer `layer_idx` uses (rules in andromeda.model.layout)."""
+    return mixer_for_layer(cfg, layer_idx)
 
 
 def build_mixer(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -149,4 +163,9 @@ def build_mixer(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 
 
 def build_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return ParallelBlock(cfg, layer_idx) if cfg.block.parallel else Block(cfg, layer_idx)
+    block = ParallelBlock(cfg, layer_idx) if cfg.block.parallel else Block(cfg, layer_idx)
+    if mod_for_layer(cfg, layer_idx):
+        from andromeda.model.mod import MoDBlock  # Mixture-of-Depths routes around the whole block
+
+        block = MoDBlock(cfg, block, layer_idx)
+    return block

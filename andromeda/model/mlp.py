@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from andromeda.model.config import ModelConfig
+from andromeda.model.layout import ffn_for_layer
 from andromeda.model.linear import make_linear
 
 _ACT = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
@@ -57,12 +58,18 @@ def _dense_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 
 # name -> constructor(cfg, layer_idx); option families that add FFNs (e.g. MoE) add a row
 # here and a rule in `ffn_kind`.
-FFNS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"dense": _dense_ffn}
+def _moe_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    from andromeda.model.moe import MoE  # imported here: moe.py builds on this module
+
+    return MoE(cfg, layer_idx)
+
+
+FFNS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"dense": _dense_ffn, "moe": _moe_ffn}
 
 
 def ffn_kind(cfg: ModelConfig, layer_idx: int) -> str:
-    """Which FFN layer `layer_idx` uses."""
-    return "dense"
+    """Which FFN layer `layer_idx` uses (rules in andromeda.model.layout)."""
+    return ffn_for_layer(cfg, layer_idx)
 
 
 def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
