@@ -28,7 +28,9 @@ from andromeda.model.config import ModelConfig, PositionConfig
 def rope_inverse_frequencies(p: PositionConfig, rot_dim: int, max_seq_len: int) -> tuple[torch.Tensor, float]:
     """Return (inv_freq of shape (rot_dim/2,), attention scaling factor for cos/sin)."""
     theta = p.rope_theta
-    exponents = torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim
+    # float32 as in Meta's Llama and transformers: imported models were trained with these exact
+    # frequencies, and float64 ones drift from them by ~1e-7 relative, i.e. 0.01 rad at 100k tokens.
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim
     factor = p.rope_factor
     if p.rope_scaling == "ntk":
         # NTK-aware: stretch the base so the lowest frequency is interpolated by `factor`
