@@ -120,6 +120,22 @@ def test_scaled_rope_matches_transformers(kind, tmp_path):
     assert max_diff(our_logits(without(ours, rope_scaling="none", rope_factor=1.0), x), ref) > 1e-2
 
 
+@pytest.mark.parametrize("kind", ["default", "llama3"])
+def test_far_positions_match_transformers(kind, tmp_path):
+    """At position ~100k a 1e-7 relative error in the RoPE frequencies turns into visible logit
+    differences, so this checks that the frequencies are the same float32 numbers."""
+    rope = {"rope_type": "default"} if kind == "default" else {**ROPE_CASES["llama3"],
+                                                                "original_max_position_embeddings": 8192}
+    hf = make_hf("LlamaForCausalLM", max_position_embeddings=131072, num_attention_heads=1, num_key_value_heads=1,
+                 rope_parameters={**rope, "rope_theta": 500000.0})
+    ours = convert(hf, tmp_path)
+    x = tokens(length=8)
+    start = 100_000
+    with torch.no_grad():
+        ref = hf(x, position_ids=(start + torch.arange(x.shape[1]))[None]).logits
+        assert max_diff(ours(x, start_pos=start), ref) < TOL
+
+
 def test_rope_scaling_spelled_as_transformers_4(tmp_path):
     """config.json written by transformers 4.x: rope_theta at top level and `rope_scaling`."""
     hf = make_hf("LlamaForCausalLM", rope_parameters={**ROPE_CASES["llama3"], "rope_theta": 5000.0})
