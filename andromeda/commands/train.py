@@ -1,0 +1,48 @@
+"""Train a model from a preset or config file, or instruction-tune a checkpoint.
+
+  andromeda train --preset llama-tiny --out runs/x --max-steps 50
+  andromeda train --config model.json --set train.lr=1e-3 --data data/ --out runs/y
+  andromeda train --out runs/y --resume                  (continue exactly where it stopped)
+  andromeda train --sft dolly.jsonl --init runs/x/checkpoints/latest --out runs/sft
+
+`--set` takes model keys (attention.heads=4) and training keys (train.lr=3e-4, see
+andromeda.train.config.TrainConfig). Without --data, the embedded default corpus is
+prepared into RUN_DIR/data. The resolved config is printed and saved as
+RUN_DIR/run_config.json; the last line printed is the path of the final checkpoint.
+Under torchrun, every process trains its share (DDP) and rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+from andromeda.train.run import resolve_run, train_run
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="named model config (see `andromeda presets`)")
+    src.add_argument("--config", metavar="FILE", help="JSON model config, or {\"model\": ..., \"train\": ...}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model field (attention.heads=4) or a training field (train.lr=3e-4)")
+    p.add_argument("--data", metavar="DIR", help="prepared data folder (`andromeda prepare`)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (checkpoints, metrics, config)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    p.add_argument("--batch-size", metavar="N|auto",
+                   help="sequences per micro-batch (train.batch_size); 'auto' finds the largest that fits "
+                        "on the GPU and keeps batch_size x grad_accum by accumulation")
+    p.add_argument("--seed", type=int, help="random seed (default 1337)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of RUN_DIR")
+    p.add_argument("--sft", metavar="FILE.jsonl", help="instruction-tune on Dolly-style or chat records")
+    p.add_argument("--init", metavar="CKPT", help="start from the weights (and tokenizer) of this checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    plan = resolve_run(args)
+    if plan.is_main:
+        print(json.dumps(plan.resolved(), indent=2), flush=True)
+    final = train_run(plan, progress=not args.no_progress)
+    if plan.is_main:
+        print(final, flush=True)
+    return 0

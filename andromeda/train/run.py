@@ -1,0 +1,252 @@
+"""From command-line arguments to a running `Trainer`.
+
+Offers `resolve_run(args) -> RunPlan` (model and training config, data, seed, resume point,
+all checked before anything is written) and `train_run(plan) -> Path` (builds the model,
+tokenizer, loaders and trainer; returns the final checkpoint folder).
+
+Resolution order, later wins: TrainConfig defaults; the run's saved run_config.json (with
+--resume); --preset / --config / the --init checkpoint's model; --set; --max-steps,
+--batch-size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from andromeda.checkpoint import load_weights, read_config
+from andromeda.errors import UserError
+from andromeda.model.config import ModelConfig, apply_overrides
+from andromeda.model.transformer import Transformer, build_model
+from andromeda.presets import preset_dict
+from andromeda.train import checkpoint as ckpt
+from andromeda.train.config import TrainConfig, resolve_device, resolve_dtype, split_overrides
+from andromeda.train.parallel import DistInfo, init_distributed, shutdown_distributed
+
+DEFAULT_SEED = 1337
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data_dir: Optional[Path]
+    sft: Optional[Path]
+    init: Optional[Path]
+    seed: int
+    resume_from: Optional[Path]
+    dist: DistInfo
+    device: torch.device
+    resume_requested: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.main
+
+    def resolved(self) -> dict:
+        return {"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
+                "data": str(self.data_dir) if self.data_dir else None,
+                "sft": str(self.sft) if self.sft else None, "init": str(self.init) if self.init else None,
+                "seed": self.seed}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def resolve_run(args) -> RunPlan:
+    run_dir = Path(args.out)
+    saved = _read_json(run_dir / ckpt.RUN_CONFIG, "run config") if (run_dir / ckpt.RUN_CONFIG).exists() else {}
+    resume_from = None
+    if ckpt.step_checkpoints(run_dir):
+        if not args.resume:
+            raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
+        resume_from = ckpt.newest_checkpoint(run_dir)
+    base = saved if args.resume else {}
+
+    model_dict, train_dict = base.get("model"), dict(base.get("train") or {})
+    init = Path(args.init) if args.init else (Path(base["init"]) if base.get("init") else None)
+    if args.preset:
+        model_dict = preset_dict(args.preset)
+    elif args.config:
+        data = _read_json(Path(args.config), "config file")
+        if "model" in data:
+            model_dict, train_dict = data["model"], {**train_dict, **(data.get("train") or {})}
+        else:
+            model_dict = data
+    elif args.init and resume_from is None:
+        model_dict = read_config(init)["model"]
+    if model_dict is None and init is not None:
+        model_dict = read_config(init)["model"]
+    if model_dict is None:
+        raise UserError("give a model: --preset NAME, --config FILE or --init CKPT (or --resume an existing run)")
+
+    model_sets, train_sets = split_overrides(args.set)
+    model_cfg = apply_overrides(ModelConfig.from_dict(model_dict), model_sets)
+    train_cfg = apply_overrides(_train_from_dict(train_dict), train_sets)
+    extra = {}
+    if args.max_steps is not None:
+        extra["max_steps"] = str(args.max_steps)
+    if args.batch_size is not None:
+        if args.batch_size == "auto":
+            extra["auto_batch"] = "true"
+        else:
+            extra["batch_size"], extra["auto_batch"] = args.batch_size, "false"
+    train_cfg = apply_overrides(train_cfg, extra)
+
+    seq_len = train_cfg.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise UserError(f"train.seq_len ({seq_len}) exceeds the model's max_seq_len ({model_cfg.max_seq_len}); "
+                        f"lower train.seq_len or --set max_seq_len={seq_len}")
+
+    sft = Path(args.sft) if args.sft else (Path(base["sft"]) if base.get("sft") else None)
+    if sft is not None and not sft.is_file():
+        raise UserError(f"SFT data file not found: {sft}")
+    if sft is not None and init is None and resume_from is None:
+        raise UserError("--sft needs --init CKPT: instruction tuning starts from a trained checkpoint "
+                        "and uses its tokenizer")
+    data_dir = Path(args.data) if args.data else (Path(base["data"]) if base.get("data") else None)
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}; run `andromeda prepare --out {data_dir}` first")
+    if data_dir is None and sft is None:
+        data_dir = run_dir / "data"  # filled with the default corpus in train_run
+
+    seed = args.seed if args.seed is not None else base.get("seed", DEFAULT_SEED)
+    device = resolve_device(train_cfg)
+    dist = init_distributed(device.type)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    return RunPlan(run_dir, model_cfg, train_cfg, data_dir, sft, init, seed, resume_from, dist, device,
+                   resume_requested=bool(args.resume))
+
+
+def _train_from_dict(d: dict) -> TrainConfig:
+    from andromeda.model.config import _build
+    return _build(TrainConfig, d, "train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_run_config(plan: RunPlan) -> None:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.run_dir / ckpt.RUN_CONFIG
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(plan.resolved(), indent=2))
+    os.replace(tmp, path)
+
+
+def _build_model(plan: RunPlan) -> Transformer:
+    if plan.init is not None and plan.resume_from is None:
+        from safetensors.torch import load_file
+        weights = plan.init / "model.safetensors"
+        if not weights.exists():
+            raise UserError(f"--init {plan.init} has no model.safetensors")
+        model = build_model(plan.model_cfg, device="meta")
+        load_weights(model, load_file(str(weights)), str(weights))
+        return model
+    return Transformer(plan.model_cfg)
+
+
+def _tokenizer(plan: RunPlan):
+    """The tokenizer of the data (pretraining) or of the checkpoint (SFT, --init)."""
+    from andromeda.data.tokenizer import load_tokenizer
+    if plan.sft is not None:
+        source = plan.resume_from or plan.init
+        spec = read_config(source).get("tokenizer")
+        if not spec:
+            raise UserError(f"{source} holds no tokenizer; SFT needs one to encode the records")
+        return load_tokenizer(spec, source)
+    from andromeda.data.prepare import open_prepared
+    return open_prepared(plan.data_dir).tokenizer
+
+
+def _prepare_default(plan: RunPlan) -> None:
+    if plan.sft is not None or plan.data_dir != plan.run_dir / "data":
+        return
+    if plan.is_main and not (plan.data_dir / "meta.json").exists():
+        from andromeda.data.prepare import prepare_default_corpus
+        prepare_default_corpus(plan.data_dir)
+    if plan.dist.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _loaders(plan: RunPlan, tokenizer):
+    cfg, seq_len = plan.train_cfg, plan.train_cfg.seq_len or plan.model_cfg.max_seq_len
+    seed = plan.seed + 7919 * plan.dist.rank  # each rank draws its own batches
+    if plan.sft is not None:
+        from andromeda.train.sft import SFTLoader, load_sft, sft_val_loader
+        train_ex, val_ex = load_sft(plan.sft, tokenizer, seq_len)
+        train = SFTLoader(train_ex, cfg.batch_size, seq_len, seed, cfg.sft_pack, plan.device)
+        make_val = (lambda: sft_val_loader(val_ex, cfg.batch_size, seq_len, cfg.sft_pack, plan.device)) \
+            if val_ex else None
+        return train, make_val
+    from andromeda.data.loader import TokenLoader
+    train = TokenLoader(plan.data_dir, "train", cfg.batch_size, seq_len, seed, doc_mask=cfg.doc_mask,
+                        device=plan.device)
+
+    def make_val():
+        return TokenLoader(plan.data_dir, "val", cfg.batch_size, seq_len, 0, doc_mask=cfg.doc_mask,
+                           device=plan.device)
+    try:
+        make_val()
+    except (UserError, FileNotFoundError, ValueError):
+        return train, None  # no usable validation split
+    return train, make_val
+
+
+def _check_vocab(plan: RunPlan, tokenizer) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > plan.model_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                        f"{plan.model_cfg.vocab_size}; add --set vocab_size={tokenizer.vocab_size}")
+
+
+def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = None) -> Path:
+    from andromeda.train.trainer import Trainer, auto_micro_batch
+
+    try:
+        if plan.is_main:
+            _write_run_config(plan)
+            ckpt.clean_partial(plan.run_dir)
+        _prepare_default(plan)
+        tokenizer = _tokenizer(plan)
+        _check_vocab(plan, tokenizer)
+        seed_everything(plan.seed)
+        model = _build_model(plan)
+        if plan.train_cfg.auto_batch:
+            plan.train_cfg = auto_micro_batch(model, plan.train_cfg, plan.device,
+                                              resolve_dtype(plan.train_cfg, plan.device))
+        train_loader, make_val = _loaders(plan, tokenizer)
+        meta = {"run": str(plan.run_dir), "train": plan.train_cfg.to_dict(), "seed": plan.seed,
+                "data": str(plan.data_dir) if plan.data_dir else None, "sft": str(plan.sft) if plan.sft else None}
+        trainer = Trainer(plan.run_dir, model, tokenizer, plan.train_cfg, train_loader, make_val, plan.device,
+                          meta=meta, dist=plan.dist, progress=progress)
+        if plan.resume_from is not None:
+            trainer.resume(plan.resume_from)
+            if plan.is_main:
+                print(f"resumed from {plan.resume_from} (step {trainer.step})", flush=True)
+        elif plan.is_main and plan.resume_requested:
+            print(f"no checkpoint in {plan.run_dir} yet; starting from step 0", flush=True)
+        return trainer.fit(stop_after=stop_after)
+    finally:
+        shutdown_distributed(plan.dist)
