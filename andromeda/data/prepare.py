@@ -13,8 +13,9 @@ one; `<split>.docs.bin` lists where each document starts, which gives exact `doc
 document masking even when a text happens to contain the end-of-text string.
 Validation documents are picked by systematic sampling (every 1/f-th document, with a phase
 drawn from the seed), which needs no count of the corpus up front. Document 0 always goes to
-training; if no document was picked, the last one is moved to validation; a corpus of one
-document has the end of its token stream cut off as validation.
+training. If no document was picked, the last one is moved to validation, unless it holds
+more than half the tokens (or is the only one): then the end of the token stream is cut off
+as validation instead.
 """
 
 from __future__ import annotations
@@ -209,16 +210,18 @@ def _write_splits(folder: Path, tokenizer: Tokenizer, pieces, val_fraction: floa
     if train.bytes + val.bytes == 0:
         raise UserError("the corpus is empty: every document has no text")
     train.finish()
+    # One cut from the end of training, so moved text keeps its order: the last document, or
+    # for a corpus dominated by it (or of one document) the end of the token stream, when no
+    # document was picked; more if validation is still below min_val_tokens.
+    move = 0
     if val.documents == 0:
-        # Too few documents for the fraction: move the last document, or for a single
-        # document the end of its token stream, so validation is never empty.
-        if train.documents >= 2:
-            last_start = int(read_doc_starts(train.doc_path)[-1])
-            _move_tail(train, val, train.tokens - last_start, tokenizer)
+        last_size = train.tokens - int(read_doc_starts(train.doc_path)[-1])
+        if train.documents >= 2 and last_size <= train.tokens // 2:
+            move = last_size
         else:
-            _move_tail(train, val, min(max(1, round(val_fraction * train.tokens)), train.tokens - 2), tokenizer)
-    if val.tokens < min_val_tokens:
-        _move_tail(train, val, min(min_val_tokens - val.tokens, train.tokens // 2), tokenizer)
+            move = min(max(1, round(val_fraction * train.tokens)), train.tokens - 2)
+    move = max(move, min(min_val_tokens - val.tokens, train.tokens // 2))
+    _move_tail(train, val, move, tokenizer)
     splits = {"train": train.finish(), "val": val.finish()}
     if splits["train"]["tokens"] < 2 or splits["val"]["tokens"] < 1:
         raise UserError(f"the corpus is too small to split ({train.tokens + val.tokens} tokens)")

@@ -1,0 +1,53 @@
+"""Loss, perplexity and bits per byte of a checkpoint on held-out text.
+
+--data is a text file, a folder of text, JSONL/Parquet, or a prepared data folder (its val
+split). Every token after the first is scored once: windows of --seq-len tokens that do not
+overlap, or with --stride S a sliding window that scores only its last S tokens.
+
+examples:
+  andromeda eval --ckpt runs/shk/checkpoints/best --data data/shk
+  andromeda eval --ckpt ckpt --data held_out.txt --seq-len 512 --stride 256 --json
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from andromeda.checkpoint import load_checkpoint
+from andromeda.errors import UserError
+from andromeda.eval.perplexity import evaluate, load_eval_tokens
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--data", required=True, metavar="PATH", help="text file/folder or prepared data folder")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: the model's max_seq_len, capped by the data size)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="score only the last STRIDE tokens of each window (default: seq-len, no overlap)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--split", default="val", help="split of a prepared data folder (default: val)")
+    p.add_argument("--doc-mask", action="store_true", help="mask attention across document boundaries")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: as stored)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise UserError(f"checkpoint {args.ckpt} has no tokenizer; cannot read text for it")
+    data = load_eval_tokens(args.data, tokenizer, args.split)
+    seq_len = args.seq_len or min(model.cfg.max_seq_len, data.length - 1)
+    result = evaluate(model, tokenizer, data, seq_len, args.batch_size, stride=args.stride, doc_mask=args.doc_mask)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+              f"bits/byte {result['bits_per_byte']:.4f}  tokens {result['tokens']:,}  (seq_len {seq_len})")
+    return 0
