@@ -112,6 +112,87 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
+# --- Efficient architectures (andromeda.model.{moe,moa,mod,mamba,bitlinear}; docs/architectures.md)
+
+def _llama_base(vocab: int, seq: int, dim: int, depth: int, heads: int, kv: int, **extras) -> dict:
+    return dict(vocab_size=vocab, max_seq_len=seq, dim=dim, depth=depth,
+                attention=dict(heads=heads, kv_heads=kv), position=dict(kind="rope"),
+                norm=dict(kind="rms", placement="pre"), mlp=dict(kind="swiglu"), extras=extras)
+
+
+def _anemone(tiny: bool, linear: dict) -> dict:
+    """Jamba layout (Mamba mixers, attention 1 in 8 -> here Mixture of Attention Heads, MoE
+    every other layer), Mixture-of-Depths around every other block, BitLinear per `linear`."""
+    if tiny:
+        base = _llama_base(288, 256, 64, 4, 4, 2)
+        extras = dict(layout=dict(attention_every=4, attention_offset=2, moe_every=2, moe_offset=1,
+                                  mod_every=2, mod_offset=0),
+                      mamba=dict(d_state=16, head_dim=16, chunk_size=32), moe=dict(num_experts=4, top_k=2),
+                      moa=dict(num_experts=4, top_k=2), mod=dict(capacity=0.25, predictor_hidden=16))
+    else:
+        base = _llama_base(32000, 4096, 1024, 16, 16, 4)
+        extras = dict(layout=dict(attention_every=8, attention_offset=4, moe_every=2, moe_offset=1,
+                                  mod_every=2, mod_offset=0),
+                      mamba=dict(d_state=64, head_dim=64), moe=dict(num_experts=16, top_k=2),
+                      moa=dict(num_experts=8, top_k=2), mod=dict(capacity=0.125))
+    if linear:
+        extras["linear"] = dict(linear)
+    base["extras"] = extras
+    return base
+
+
+def _jamba(tiny: bool) -> dict:
+    """Jamba v0.1 shape (Lieber et al. 2024): 1 attention layer in 8, MoE (16 experts, top-2)
+    every other layer; Mamba-2 mixers stand in for Mamba-1."""
+    if tiny:
+        return _llama_base(288, 256, 64, 4, 4, 2, layout=dict(attention_every=4, attention_offset=2, moe_every=2,
+                                                              moe_offset=1),
+                           mamba=dict(d_state=16, head_dim=16, chunk_size=32), moe=dict(num_experts=4, top_k=2))
+    cfg = _llama_base(65536, 8192, 4096, 32, 32, 8, layout=dict(attention_every=8, attention_offset=4, moe_every=2,
+                                                                 moe_offset=1),
+                      mamba=dict(d_state=16, head_dim=64), moe=dict(num_experts=16, top_k=2))
+    cfg["mlp"]["hidden_dim"] = 14336
+    cfg["position"] = dict(kind="none")  # Jamba's attention layers use no positional encoding
+    return cfg
+
+
+def _moe(tiny: bool) -> dict:
+    """Mixtral-style decoder: every FFN is 8 experts, top-2."""
+    if tiny:
+        return _llama_base(288, 256, 64, 2, 4, 2, moe=dict(num_experts=4, top_k=2))
+    return _llama_base(32000, 4096, 1024, 16, 16, 4, moe=dict(num_experts=8, top_k=2))
+
+
+def _bitnet(tiny: bool) -> dict:
+    """BitNet b1.58 (Ma et al. 2024), 700M shape: every attention and MLP projection ternary;
+    embeddings and the output head stay in full precision, as in the paper."""
+    linear = dict(attention="bitnet", mlp="bitnet")
+    if tiny:
+        return _llama_base(288, 256, 64, 2, 4, 4, linear=linear)
+    return _llama_base(32000, 2048, 1536, 24, 24, 24, linear=linear)
+
+
+_ALL_BITNET = dict(attention="bitnet", mlp="bitnet", mixer="bitnet", router="bitnet")
+_BITNET_BUT_ATTENTION = dict(mlp="bitnet", mixer="bitnet")
+
+PRESETS.update({
+    "anemone": ("Jamba layout + MoE + MoD + MoA, BitLinear b1.58 in MLP/experts and Mamba (attention dense)",
+                _anemone(False, _BITNET_BUT_ATTENTION)),
+    "anemone-bf16": ("anemone without BitLinear (all projections dense)", _anemone(False, {})),
+    "anemone-1.58": ("anemone with every projection 1.58-bit (attention, MLP, Mamba, routers)",
+                     _anemone(False, _ALL_BITNET)),
+    "jamba": ("Jamba v0.1 shape: Mamba + attention 1:7, MoE 16x top-2 every other layer", _jamba(False)),
+    "moe": ("Mixtral-style MoE decoder, 8 experts top-2", _moe(False)),
+    "bitnet": ("BitNet b1.58 700M shape: ternary attention and MLP", _bitnet(False)),
+    "anemone-tiny": ("CPU-sized anemone", _anemone(True, _BITNET_BUT_ATTENTION)),
+    "anemone-bf16-tiny": ("CPU-sized anemone-bf16", _anemone(True, {})),
+    "anemone-1.58-tiny": ("CPU-sized anemone-1.58", _anemone(True, _ALL_BITNET)),
+    "jamba-tiny": ("CPU-sized jamba", _jamba(True)),
+    "moe-tiny": ("CPU-sized moe", _moe(True)),
+    "bitnet-tiny": ("CPU-sized bitnet", _bitnet(True)),
+})
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 

@@ -150,7 +150,7 @@ class MoE(nn.Module, TernaryWeights):
         self.w_out = nn.Parameter(torch.empty(E, self.hidden, cfg.dim))  # (E, H, D)
         self.bitnet = linear_kind(cfg, "mlp") == "bitnet"
         self.ternary_params = ("w_in", "w_out") if self.bitnet else ()
-        self.expert_numel = cfg.dim * (in_width + cfg.dim)
+        self.expert_numel = cfg.dim * in_width + self.hidden * cfg.dim
         self.shared = None
         if m.shared_expert:
             width = m.shared_hidden_dim or self.hidden
