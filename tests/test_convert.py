@@ -22,7 +22,7 @@ SAMPLES = ["the lazy fox", "to be, or not", "gold stitch 42!", "unseen wörds"]
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -30,6 +30,8 @@ def make_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    # Like Llama's tokenizer: bos is added in front of every text when special tokens are on.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                                 bos_token="<s>", eos_token="</s>")
 
@@ -87,7 +89,11 @@ def test_convert_from_hf_end_to_end(sharded, tmp_path, capsys, hf_tokenizer):
     assert summary["architecture"] == "LlamaForCausalLM" and summary["dtype"] == "float32"
     assert summary["tokenizer"]["eos_token"] == "</s>" and summary["tokenizer"]["bos_token"] == "<s>"
 
-    model, tok, _ = load_checkpoint(tmp_path / "ckpt")
+    assert summary["tokenizer"]["add_bos"] is True
+
+    model, tok, config = load_checkpoint(tmp_path / "ckpt")
+    assert config["meta"]["add_bos"] is True and config["meta"]["architecture"] == "LlamaForCausalLM"
+    assert hf_tokenizer.encode("the fox")[0] == tok.bos_id  # what add_bos stands for
     for text in SAMPLES:
         assert tok.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
     assert (tok.eos_id, tok.bos_id) == (hf_tokenizer.eos_token_id, hf_tokenizer.bos_token_id)
