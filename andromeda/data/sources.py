@@ -118,20 +118,32 @@ def file_record(path: Path) -> dict:
 
 
 def iter_pieces(sources: list[Source], on_file: Optional[Callable[[Path], None]] = None) -> Iterator[Piece]:
-    """All documents of all sources in order; `on_file(path)` is told of every file read."""
-    readers = {"text": _text_pieces, "jsonl": _jsonl_pieces, "parquet": _parquet_pieces,
+    """All documents of all sources in order. `on_file(path)` is told of each file once its
+    first document has been taken, so a consumer that stops early (a size limit) does not
+    record a file it never used."""
+    on_file = on_file or (lambda path: None)
+    readers = {"jsonl": _jsonl_pieces, "parquet": _parquet_pieces,
                "hf_disk": _hf_disk_pieces, "hf_hub": _hf_hub_pieces}
     for source in sources:
-        yield from readers[source.kind](source, on_file or (lambda path: None))
+        if source.kind == "text":  # one document per file
+            for path in source.files:
+                read = _strict_file if source.strict else _lenient_file
+                yield from _announce_after_first(read(path), [path], on_file)
+        else:
+            yield from _announce_after_first(readers[source.kind](source), source.files, on_file)
 
 
-def _text_pieces(source: Source, on_file) -> Iterator[Piece]:
-    """Each file is one document."""
-    for path in source.files:
-        yield from (_lenient_file(path, on_file) if not source.strict else _strict_file(path, on_file))
+def _announce_after_first(pieces: Iterator[Piece], files: list[Path], on_file) -> Iterator[Piece]:
+    announced = False
+    for piece in pieces:
+        yield piece
+        if not announced:  # runs only when the consumer asks for more, i.e. it kept this piece
+            for path in files:
+                on_file(path)
+            announced = True
 
 
-def _lenient_file(path: Path, on_file) -> Iterator[Piece]:
+def _lenient_file(path: Path) -> Iterator[Piece]:
     """Default corpus: skip the standard library's deliberately malformed test files."""
     data = path.read_bytes()
     if b"\0" in data:
@@ -140,12 +152,10 @@ def _lenient_file(path: Path, on_file) -> Iterator[Piece]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return
-    on_file(path)
     yield True, text
 
 
-def _strict_file(path: Path, on_file) -> Iterator[Piece]:
-    on_file(path)
+def _strict_file(path: Path) -> Iterator[Piece]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     first, pending, offset = True, "", 0
     with open(path, "rb") as f:
@@ -170,9 +180,8 @@ def _strict_file(path: Path, on_file) -> Iterator[Piece]:
         yield first, pending
 
 
-def _jsonl_pieces(source: Source, on_file) -> Iterator[Piece]:
+def _jsonl_pieces(source: Source) -> Iterator[Piece]:
     path = source.files[0]
-    on_file(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -203,13 +212,12 @@ def _texts_from_batches(batches, field: str, where: str) -> Iterator[Piece]:
             row += 1
 
 
-def _parquet_pieces(source: Source, on_file) -> Iterator[Piece]:
+def _parquet_pieces(source: Source) -> Iterator[Piece]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("Parquet input needs the optional `data` extra: pip install pyarrow") from None
     path = source.files[0]
-    on_file(path)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and OSError subclasses
@@ -242,18 +250,16 @@ def _dataset_texts(ds, field: str, where: str) -> Iterator[Piece]:
     yield from _texts_from_batches(batches, field, where)
 
 
-def _hf_disk_pieces(source: Source, on_file) -> Iterator[Piece]:
+def _hf_disk_pieces(source: Source) -> Iterator[Piece]:
     datasets = _load_datasets()
     try:
         ds = datasets.load_from_disk(source.label)
     except Exception as e:  # datasets raises FileNotFoundError and its own errors
         raise UserError(f"cannot load dataset folder {source.label}: {e}") from None
-    for path in source.files:
-        on_file(path)
     yield from _dataset_texts(ds, source.field, source.label)
 
 
-def _hf_hub_pieces(source: Source, on_file) -> Iterator[Piece]:
+def _hf_hub_pieces(source: Source) -> Iterator[Piece]:
     datasets = _load_datasets()
     name, _, split = source.label[len(HUB_PREFIX):].partition(":")
     try:  # streaming, so a large hub dataset is read document by document
