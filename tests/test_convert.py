@@ -31,7 +31,8 @@ def make_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     # Like Llama's tokenizer: bos is added in front of every text when special tokens are on.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                                 bos_token="<s>", eos_token="</s>")
 
@@ -184,7 +185,7 @@ def _shape_mismatch(folder, tok):
 
 def _missing_shard(folder, tok):
     save_hf(folder, make_llama(len(tok)), tok, max_shard_size="40KB")
-    sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+    max(folder.glob("model-*.safetensors")).unlink()
 
 
 def _no_tokenizer(folder, tok):

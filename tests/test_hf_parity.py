@@ -15,8 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from andromeda.interop.hf import config_from_hf, config_to_hf, import_hf  # noqa: E402
 from andromeda.errors import UserError  # noqa: E402
+from andromeda.interop.hf import config_from_hf, config_to_hf, import_hf  # noqa: E402
 from andromeda.model.transformer import Transformer  # noqa: E402
 
 TOL = 1e-4

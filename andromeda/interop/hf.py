@@ -164,7 +164,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     _require(a.qk_norm == "none", "qk_norm")
     _require(not cfg.block.parallel and cfg.block.shift_tokens == 0, "parallel blocks or token shift")
     _require(not cfg.extras, f"extras {sorted(cfg.extras)}")
-    _require(a.window is None or not (a.bias or cfg.mlp.bias), "biases together with a sliding window (Mistral has none)")
+    _require(a.window is None or not (a.bias or cfg.mlp.bias),
+             "biases together with a sliding window (Mistral has none)")
     arch = "MistralForCausalLM" if a.window is not None else "LlamaForCausalLM"
     rope: dict = {"rope_type": "default"}
     if p.rope_scaling == "linear":
@@ -227,7 +228,8 @@ def tokenizer_from_hf(folder: Path, hf: dict) -> HFTokenizer:
     folder = Path(folder)
     path = folder / HFTokenizer.FILE
     if not path.exists():
-        hint = " (a sentencepiece tokenizer.model alone is not supported)" if (folder / "tokenizer.model").exists() else ""
+        has_sp = (folder / "tokenizer.model").exists()
+        hint = " (a sentencepiece tokenizer.model alone is not supported)" if has_sp else ""
         raise UserError(f"{folder} has no tokenizer.json{hint}; pass --no-tokenizer to convert the weights only")
     tok = HFTokenizer.from_file(path)
     sources = [_read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json"), hf]

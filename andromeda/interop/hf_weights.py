@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -60,7 +60,7 @@ class SafetensorsFolder(Mapping):
             except Exception as e:  # safetensors raises its own error type for corrupt headers
                 raise UserError(f"cannot read {path}: {e}") from None
         if weight_map is None:
-            weight_map = {key: SINGLE for key in self._handles[SINGLE].keys()}
+            weight_map = {key: SINGLE for key in self._handles[SINGLE].keys()}  # noqa: SIM118 (not a dict)
         self._where = weight_map
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -111,7 +111,8 @@ def weight_layout(cfg: ModelConfig, o_proj_bias: bool = True) -> list[Piece]:
             pieces.append(Piece(f"{ours}mixer.fn.wo.{s}", (o_name,), (cfg.dim,)))
         pieces.append(Piece(f"{ours}mixer.norm.weight", (hf + "input_layernorm.weight",), (cfg.dim,)))
         for s in ("weight", "bias") if cfg.mlp.bias else ("weight",):
-            pieces.append(Piece(f"{ours}ffn.fn.w_in.{s}", (f"{mlp}gate_proj.{s}", f"{mlp}up_proj.{s}"), (hidden, hidden)))
+            gate_up = (f"{mlp}gate_proj.{s}", f"{mlp}up_proj.{s}")
+            pieces.append(Piece(f"{ours}ffn.fn.w_in.{s}", gate_up, (hidden, hidden)))
             pieces.append(Piece(f"{ours}ffn.fn.w_out.{s}", (f"{mlp}down_proj.{s}",), (cfg.dim,)))
         pieces.append(Piece(f"{ours}ffn.norm.weight", (hf + "post_attention_layernorm.weight",), (cfg.dim,)))
     pieces.append(Piece("norm.weight", ("model.norm.weight",), (cfg.dim,)))
