@@ -81,6 +81,7 @@ CASES = {
     "llama_tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=4)),
     "llama_mqa_bias": ("LlamaForCausalLM", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
     "qwen2_qkv_bias": ("Qwen2ForCausalLM", {}),
+    "mistral_wide_heads": ("MistralForCausalLM", dict(head_dim=24, sliding_window=None)),  # heads*head_dim != dim
 }
 
 
