@@ -127,7 +127,7 @@ class TokenLoader:
 
     def close(self) -> None:
         """Stop the prefetch thread (a later `next_batch` starts it again)."""
-        if self._thread is not None:
+        if getattr(self, "_thread", None) is not None:  # also called from __del__ of a half-built loader
             self._stop.set()
             self._thread.join()
             self._thread, self._queue = None, None
