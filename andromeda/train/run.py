@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -193,25 +194,28 @@ def _prepare_default(plan: RunPlan) -> None:
 
 def _loaders(plan: RunPlan, tokenizer):
     cfg, seq_len = plan.train_cfg, plan.train_cfg.seq_len or plan.model_cfg.max_seq_len
-    seed = plan.seed + 7919 * plan.dist.rank  # each rank draws its own batches
     if plan.sft is not None:
         from andromeda.train.sft import SFTLoader, load_sft, sft_val_loader
         train_ex, val_ex = load_sft(plan.sft, tokenizer, seq_len)
+        seed = plan.seed + 7919 * plan.dist.rank  # each rank draws its own batches
         train = SFTLoader(train_ex, cfg.batch_size, seq_len, seed, cfg.sft_pack, plan.device)
         make_val = (lambda: sft_val_loader(val_ex, cfg.batch_size, seq_len, cfg.sft_pack, plan.device)) \
             if val_ex else None
         return train, make_val
     from andromeda.data.loader import TokenLoader
-    train = TokenLoader(plan.data_dir, "train", cfg.batch_size, seq_len, seed, doc_mask=cfg.doc_mask,
-                        device=plan.device)
+    prefetch = 2 if plan.device.type == "cuda" else 0  # CPU cores are busy computing
+    train = TokenLoader(plan.data_dir, "train", cfg.batch_size, seq_len, plan.seed, doc_mask=cfg.doc_mask,
+                        device=plan.device, rank=plan.dist.rank, world_size=plan.dist.world, prefetch=prefetch)
 
-    def make_val():
+    def make_val():  # seed 0: the same windows at every validation
         return TokenLoader(plan.data_dir, "val", cfg.batch_size, seq_len, 0, doc_mask=cfg.doc_mask,
-                           device=plan.device)
+                           device=plan.device, rank=plan.dist.rank, world_size=plan.dist.world)
     try:
         make_val()
-    except (UserError, FileNotFoundError, ValueError):
-        return train, None  # no usable validation split
+    except UserError as e:
+        if plan.is_main:
+            print(f"no validation: {e}", file=sys.stderr)
+        return train, None
     return train, make_val
 
 

@@ -180,7 +180,9 @@ class Trainer:
         loader = self.make_val_loader() if self.make_val_loader else None
         if loader is None:
             return None
-        return evaluate(self.raw, loader, self.cfg.eval_batches, self.device, self.dtype)
+        val = evaluate(self.raw, loader, self.cfg.eval_batches, self.device, self.dtype)
+        # Every rank must reach the same save decision, so all use the mean over ranks.
+        return sum(all_gather(val, self.dist)) / self.dist.world
 
     # ----- the loop ----------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> Path:

@@ -1,0 +1,318 @@
+"""The trainer: schedule values, weight-decay groups, FLOPs formula, loss normalisation under
+accumulation, auxiliary losses, activation checkpointing, learning a toy corpus end to end,
+metrics, NaN stop, CLI errors and the benchmark entry point."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from andromeda.checkpoint import load_checkpoint
+from andromeda.cli import main
+from andromeda.data.prepare import prepare
+from andromeda.errors import UserError
+from andromeda.model.config import ModelConfig
+from andromeda.model.transformer import Transformer
+from andromeda.train import checkpoint as ckpt
+from andromeda.train.config import TrainConfig
+from andromeda.train.flops import device_peak_flops, flops_per_token
+from andromeda.train.optim import build_optimizer, param_groups
+from andromeda.train.parallel import largest_micro_batch
+from andromeda.train.schedule import lr_at, warmup_steps
+from andromeda.train.trainer import RandomTokens, Trainer, TrainingDiverged, auto_micro_batch, benchmark_train
+
+CPU = torch.device("cpu")
+SMALL = dict(vocab_size=64, max_seq_len=32, dim=32, depth=2, attention=dict(heads=2), mlp=dict(multiple_of=16))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(**changes) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_dict({**SMALL, **changes}))
+
+
+def make_trainer(tmp_path, model=None, batch=4, accum=1, seq=16, **train):
+    model = model or small_model()
+    cfg = TrainConfig(max_steps=train.pop("max_steps", 10), batch_size=batch, grad_accum=accum, seq_len=seq,
+                      tensorboard=False, **train)
+    data = RandomTokens(model.cfg.vocab_size, batch, seq, CPU, seed=1)
+    return Trainer(tmp_path, model, None, cfg, data, None, CPU, progress=False)
+
+
+# ----- schedule ------------------------------------------------------------------------------
+
+def test_schedule_values():
+    peak, floor, total = 1e-3, 1e-4, 1000
+    warm = warmup_steps(total, 0.03)
+    assert warm == 30
+    assert lr_at(0, total, peak, warm) == pytest.approx(peak / 30)
+    assert lr_at(14, total, peak, warm) == pytest.approx(peak * 15 / 30)
+    assert lr_at(warm - 1, total, peak, warm) == pytest.approx(peak)
+    assert lr_at(warm, total, peak, warm) == pytest.approx(peak)
+    # Cosine: half way through the decay the rate is half way between peak and floor.
+    mid = warm + (total - 1 - warm) / 2
+    assert lr_at(int(mid), total, peak, warm) == pytest.approx((peak + floor) / 2, rel=1e-2)
+    assert lr_at(total - 1, total, peak, warm) == pytest.approx(floor)
+    assert lr_at(total + 50, total, peak, warm) == pytest.approx(floor)
+    decay = [lr_at(s, total, peak, warm) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    # Defined against the closed form at an arbitrary point.
+    s = 700
+    expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - 1 - warm)))
+    assert lr_at(s, total, peak, warm) == pytest.approx(expected)
+    assert warmup_steps(10, 0.0) == 0 and lr_at(0, 10, peak, 0) == pytest.approx(peak)
+
+
+# ----- optimizer groups ----------------------------------------------------------------------
+
+def test_weight_decay_only_on_matrices():
+    model = small_model(position=dict(kind="learned"), norm=dict(kind="layer", bias=True),
+                        attention=dict(heads=2, bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name, p in model.named_parameters():
+        is_table = name in ("embed.weight", "pos_embed.weight")
+        assert (name in decay["names"]) == (p.dim() == 2 and not is_table), name
+        assert (name in decay["names"]) != (name in no_decay["names"])
+    assert any("norm" in n for n in no_decay["names"]) and any(n.endswith("bias") for n in no_decay["names"])
+    assert "head.weight" in decay["names"] and "layers.0.mixer.fn.wqkv.weight" in decay["names"]
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, beta1=0.9, beta2=0.95))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_tied_head_is_not_decayed():
+    model = small_model(tie_embeddings=True)
+    decay, no_decay = param_groups(model, 0.1)
+    assert "embed.weight" in no_decay["names"]
+    assert all(p is not model.embed.weight for p in decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters())
+
+
+def test_lowmem_optimizer_names_reach_the_table():
+    model = small_model()
+    for name in ("adamw8bit", "galore"):
+        try:
+            opt = build_optimizer(model, TrainConfig(optimizer=name))
+        except UserError as e:  # lowmem or its package missing: a clear message, not a traceback
+            assert name in str(e) or "lowmem" in str(e)
+        else:
+            assert isinstance(opt, torch.optim.Optimizer)
+
+
+# ----- FLOPs ---------------------------------------------------------------------------------
+
+def test_flops_per_token_formula():
+    model = small_model(position=dict(kind="learned"))
+    total = sum(p.numel() for p in model.parameters())
+    lookups = model.embed.weight.numel() + model.pos_embed.weight.numel()
+    T, H, hd = 16, 2, 16
+    assert flops_per_token(model, T) == 6 * (total - lookups) + 12 * 2 * H * hd * T
+    tied = small_model(tie_embeddings=True)
+    head = tied.head.weight.numel()  # the tied head still costs a matmul
+    assert flops_per_token(tied, T) == 6 * sum(p.numel() for p in tied.parameters()) + 12 * 2 * H * hd * T
+    assert head == 64 * 32
+    assert device_peak_flops(CPU, None) is None  # MFU is left out on CPUs
+
+
+# ----- one step ------------------------------------------------------------------------------
+
+def grads_of_one_step(trainer) -> dict:
+    """Run one step and return the gradients the optimizer was about to apply."""
+    captured = {}
+    real_step = trainer.optimizer.step
+
+    def spy():
+        captured.update({n: p.grad.clone() for n, p in trainer.raw.named_parameters() if p.grad is not None})
+        real_step()
+    trainer.optimizer.step = spy
+    loss = trainer.train_step()
+    return loss, captured
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    a = make_trainer(tmp_path / "a", batch=8, accum=1, grad_clip=0.0)
+    b = make_trainer(tmp_path / "b", batch=4, accum=2, grad_clip=0.0)
+    # Same tokens either way (the generator draws rows in order).
+    big = RandomTokens(64, 8, 16, CPU, seed=1).next_batch()[0]
+    halves = RandomTokens(64, 4, 16, CPU, seed=1)
+    assert torch.equal(big, torch.cat([halves.next_batch()[0], halves.next_batch()[0]]))
+    loss_a, grads_a = grads_of_one_step(a)
+    loss_b, grads_b = grads_of_one_step(b)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_aux_losses_reach_the_gradient(tmp_path):
+    plain = make_trainer(tmp_path / "a", accum=2, grad_clip=0.0)
+    with_aux = make_trainer(tmp_path / "b", accum=2, grad_clip=0.0)
+    weight = 0.5
+    norm = with_aux.raw.layers[0].mixer.norm.weight
+
+    def add_aux(module, args, output):  # what an MoE layer does with its balance loss
+        args[1].add_aux_loss("test", weight * norm.sum())
+    with_aux.raw.layers[0].register_forward_hook(add_aux)
+    _, g_plain = grads_of_one_step(plain)
+    _, g_aux = grads_of_one_step(with_aux)
+    name = "layers.0.mixer.norm.weight"
+    # d(weight * sum(w))/dw = weight, added once per optimizer step over the micro-batches.
+    torch.testing.assert_close(g_aux[name] - g_plain[name], torch.full_like(norm, weight), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_is_honoured(tmp_path, monkeypatch):
+    import torch.utils.checkpoint as tuc
+    calls = []
+    real = tuc.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tuc, "checkpoint", spy)
+    plain = make_trainer(tmp_path / "a", grad_clip=0.0)
+    ckpted = make_trainer(tmp_path / "b", model=small_model(block=dict(checkpoint_activations=True)),
+                          grad_clip=0.0)
+    loss_a, grads_a = grads_of_one_step(plain)
+    assert not calls
+    loss_b, grads_b = grads_of_one_step(ckpted)
+    assert len(calls) == 2  # one per block
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, save_every=2)
+
+    def poison(module, args, output):
+        return output * float("nan") if trainer.step >= 4 else output
+    trainer.raw.head.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match="step 5") as err:
+        trainer.fit()
+    assert "step_0000004" in str(err.value)
+    assert trainer.step == 4
+    assert all(torch.isfinite(p).all() for p in trainer.raw.parameters())
+    latest = tmp_path / "checkpoints" / "latest"
+    assert latest.resolve().name == "step_0000004"
+    model, _, _ = load_checkpoint(latest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----- batch size search ---------------------------------------------------------------------
+
+def test_largest_micro_batch_halves_and_divides():
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 5
+    assert largest_micro_batch(fits, 24) == 3  # 24 -> 12 -> 6 -> 3: halving, divisors of 24 only
+    assert tried == [24, 12, 6, 3]
+    assert largest_micro_batch(lambda b: b <= 7, 20) == 5  # 20 -> 10 -> 5
+    assert largest_micro_batch(lambda b: b <= 3, 12) == 3
+    with pytest.raises(RuntimeError):
+        largest_micro_batch(lambda b: False, 8)
+
+
+def test_auto_batch_on_cpu_keeps_the_given_batch(capsys):
+    cfg = TrainConfig(batch_size=6, grad_accum=2, auto_batch=True)
+    assert auto_micro_batch(small_model(), cfg, CPU, None) is cfg
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+# ----- end to end ----------------------------------------------------------------------------
+
+@pytest.fixture
+def toy_data(tmp_path):
+    """A repetitive corpus: a byte model that has learned it predicts most bytes exactly."""
+    lines = ["the cat sat on the mat.", "a dog ran in the park.", "we like green tea."]
+    text = "\n".join(lines[i % 3] for i in range(1500)) + "\n"
+    (tmp_path / "toy.txt").write_text(text)
+    prepare([str(tmp_path / "toy.txt")], tmp_path / "data", "byte", val_fraction=0.1, progress=False)
+    return tmp_path / "data"
+
+
+def test_tiny_preset_learns_the_toy_corpus(tmp_path, toy_data, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "llama-tiny", "--data", str(toy_data), "--out", str(out), "--max-steps", "60",
+                 "--set", "train.seq_len=64", "--set", "train.batch_size=8", "--set", "train.lr=3e-3",
+                 "--set", "train.eval_every=30", "--set", "train.log_every=5", "--set", "train.eval_batches=2",
+                 "--no-progress"])
+    assert code == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    final = stdout[-1]
+    assert final == str(out / "checkpoints" / "step_0000060")
+    resolved = json.loads((out / ckpt.RUN_CONFIG).read_text())
+    assert resolved["train"]["lr"] == 3e-3 and resolved["model"]["dim"] == 64
+    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert [r["step"] for r in val] == [30, 60]
+    assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s"} for r in train)
+    assert "mfu" not in train[0]  # unknown peak on CPU
+    # ln(257) = 5.55 nats is chance; the toy corpus is learned well below 1 nat per byte.
+    assert val[-1]["val_loss"] < 1.0, val
+    # Pointers: latest is the final step; best is the lowest validation loss; both load.
+    assert (out / "checkpoints" / "latest").resolve().name == "step_0000060"
+    model, tok, config = load_checkpoint(out / "checkpoints" / "best")
+    assert tok.vocab_size == 257 and config["meta"]["step"] == 60
+
+
+def test_keep_last_and_best(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=8, save_every=1, keep_last=2, eval_every=2)
+    vals = iter([3.0, 1.0, 2.0, 2.5])  # best at the second validation (step 4)
+    trainer.make_val_loader = lambda: object()
+    monkeypatch.setattr("andromeda.train.trainer.evaluate", lambda *a, **k: next(vals))
+    trainer.fit()
+    names = sorted(p.name for _, p in ckpt.step_checkpoints(tmp_path))
+    assert names == ["step_0000004", "step_0000007", "step_0000008"]
+    assert (tmp_path / "checkpoints" / "best").resolve().name == "step_0000004"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "no-such-preset"], "unknown preset"),
+    (["--preset", "llama-tiny", "--set", "attention.no_such_key=1"], "unknown config key"),
+    (["--preset", "llama-tiny", "--set", "train.no_such_key=1"], "unknown config key"),
+    (["--preset", "llama-tiny", "--set", "train.dtype=fp8"], "train.dtype"),
+    (["--preset", "llama-tiny", "--data", "/nonexistent/data/dir"], "data folder not found"),
+    (["--preset", "llama-tiny", "--set", "train.seq_len=100000"], "max_seq_len"),
+    ([], "give a model"),
+])
+def test_cli_errors_exit_2(tmp_path, capsys, argv, message):
+    code = main(["train", *argv, "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_nan_exits_nonzero(tmp_path, toy_data, capsys):
+    code = main(["train", "--preset", "llama-tiny", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "3", "--set", "init_std=1e30", "--set", "train.seq_len=32", "--no-progress"])
+    assert code == 2
+    assert "became nan at step 1" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume(tmp_path, toy_data, capsys):
+    args = ["train", "--preset", "llama-tiny", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+            "--max-steps", "2", "--set", "train.seq_len=32", "--set", "train.batch_size=2", "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_benchmark_train_reports_throughput():
+    result = benchmark_train("llama-tiny", seq_len=32, batch_size=2, steps=2, compile=False, dtype="fp32",
+                             device="cpu", warmup=1)
+    assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_mem"] is None
