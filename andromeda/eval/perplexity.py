@@ -8,8 +8,9 @@
 
 What is scored: the stream is laid out as `prepare` lays it out (each document is
 `[EOS] + tokens`), and every token after the first is predicted exactly once. By default the
-windows do not overlap (window k reads tokens kL .. kL+L-1 and predicts kL+1 .. kL+L), so
-early tokens of a window see little context. `stride=S < L` gives the sliding evaluation of
+scored ranges do not overlap (window k reads tokens kL .. kL+L-1 and scores its predictions of
+kL+1 .. kL+L), so early tokens of a window see little context; the last, shorter range is read
+with earlier tokens in front so its window is full length too. `stride=S < L` gives the sliding evaluation of
 Press et al. 2021 / Hugging Face's perplexity guide: each window still holds up to L tokens
 of context but only its last S predictions are scored, so every scored token sees at least
 L - S tokens of context (more accurate, L/S times the compute).
