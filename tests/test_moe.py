@@ -1,0 +1,161 @@
+"""Mixture-of-Experts FFN: the sorted/grouped dispatch against a per-token reference, the
+auxiliary losses against their formulas, active-parameter counts, cached decoding,
+gradients, a tiny training run, and config validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda.errors import ConfigError
+from andromeda.model import build_model, count_parameters
+from andromeda.model.moe import MoE, grouped_matmul
+from andromeda.presets import get_preset
+from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
+                         tiny_config, tokens, train_beats_unigram)
+from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
+
+
+class Ctx:
+    def __init__(self):
+        self.aux_losses, self.stats = {}, {}
+
+    def add_aux_loss(self, name, value):
+        self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
+
+
+def reference_moe(moe: MoE, x: torch.Tensor, capacity=None) -> torch.Tensor:
+    """Token by token: softmax over experts, top-k, renormalised gates, sum of gated SwiGLU
+    experts (plus the shared expert). With `capacity`, each expert serves only its first
+    `capacity` assignments in token order."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = F.softmax(moe.router.proj(flat).float(), dim=-1)
+    out = torch.zeros_like(flat)
+    served = [0] * moe.mcfg.num_experts
+    for n in range(flat.shape[0]):
+        top_p, top_i = probs[n].topk(moe.mcfg.top_k)
+        top_p = top_p / top_p.sum()
+        for p, e in zip(top_p, top_i.tolist()):
+            served[e] += 1
+            if capacity is not None and served[e] > capacity:
+                continue
+            gate, up = (flat[n] @ moe.w_in[e]).chunk(2)
+            out[n] += p * ((F.silu(gate) * up) @ moe.w_out[e])
+    if moe.shared is not None:
+        out = out + moe.shared(flat)
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_dispatch_matches_per_token_reference(shared):
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=2, shared_expert=shared))
+    moe = build_model(cfg).layers[0].ffn.fn
+    x = torch.randn(2, 7, cfg.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_drops_late_assignments():
+    torch.manual_seed(1)
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=1, capacity_factor=0.5))
+    moe = build_model(cfg).layers[0].ffn.fn
+    x = torch.randn(1, 16, cfg.dim)
+    capacity = moe._capacity(16)
+    assert capacity == 2  # 0.5 * 16 tokens * 1 / 4 experts
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference_moe(moe, x, capacity), atol=1e-5, rtol=1e-5)
+
+
+def test_aux_losses_follow_switch_and_st_moe_formulas():
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=2, balance_loss_weight=0.5, z_loss_weight=0.25))
+    moe = build_model(cfg).layers[0].ffn.fn.train()
+    x = torch.randn(3, 5, cfg.dim)
+    ctx = Ctx()
+    moe(x, ctx)
+    logits = moe.router.proj(x.reshape(-1, cfg.dim)).float()
+    probs = logits.softmax(-1)
+    chosen = F.one_hot(probs.topk(2, dim=-1).indices, 4).sum(1).float()  # (N, E)
+    f = chosen.sum(0) / chosen.sum()
+    balance = 4 * (f * probs.mean(0)).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(ctx.aux_losses["moe_balance"], 0.5 * balance)
+    torch.testing.assert_close(ctx.aux_losses["moe_z"], 0.25 * z)
+    load = ctx.stats["moe_load/layer0"]
+    torch.testing.assert_close(load, f)
+    assert load.sum().item() == pytest.approx(1.0)
+
+
+def test_balance_loss_is_one_for_uniform_routing():
+    """With equal router probabilities and equal loads the Switch loss is exactly 1."""
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=1, balance_loss_weight=1.0))
+    moe = build_model(cfg).layers[0].ffn.fn.train()
+    with torch.no_grad():
+        moe.router.proj.weight.zero_()
+    ctx = Ctx()
+    moe(torch.randn(1, 8, cfg.dim), ctx)
+    # topk of equal values picks expert 0: f = (1, 0, 0, 0), P = 1/4 each -> E * 1/4 = 1.
+    assert ctx.aux_losses["moe_balance"].item() == pytest.approx(1.0)
+
+
+def test_grouped_matmul_matches_per_row_weights():
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 2, 4])
+    x, w = torch.randn(9, 5), torch.randn(4, 5, 6)
+    expert = torch.repeat_interleave(torch.arange(4), counts)
+    ref = torch.einsum("mi,mio->mo", x, w[expert])
+    torch.testing.assert_close(grouped_matmul(x, w, counts), ref)
+
+
+def test_active_parameters_exclude_unrouted_experts():
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=2, hidden_dim=48))
+    dense_cfg = tiny_config()
+    total, active = count_parameters(build_model(cfg, device="meta"))
+    per_expert = cfg.dim * 2 * 48 + 48 * cfg.dim
+    assert total - active == cfg.depth * (4 - 2) * per_expert
+    dense_total, dense_active = count_parameters(build_model(dense_cfg, device="meta"))
+    assert dense_total == dense_active
+    t, a = count_parameters(build_model(get_preset("moe-tiny"), device="meta"))
+    assert a < t
+
+
+def test_moe_model_causal_and_cached():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(moe=dict(num_experts=4, top_k=2, shared_expert=True)))
+    x = tokens(2, 12)
+    assert_causal(model, x, t=5)
+    assert_cached_matches_full(model, x)
+
+
+def test_gradients_reach_router_experts_and_shared_expert():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(moe=dict(num_experts=4, top_k=2, shared_expert=True)))
+    assert_all_parameters_learn(model, tokens(4, 32))
+
+
+def test_tiny_moe_training_beats_unigram():
+    loss, unigram = train_beats_unigram(tiny_config(moe=dict(num_experts=4, top_k=2)), steps=40)
+    assert loss < 0.5 * unigram, (loss, unigram)
+
+
+@pytest.mark.parametrize("moe,match", [
+    (dict(num_experts=4, top_k=5), "top_k"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(capacity_factor=0), "capacity_factor"),
+    (dict(balance_loss_weight=-1), "loss weights"),
+    (dict(experts=4), "unknown key"),
+])
+def test_config_errors(moe, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(tiny_config(moe=moe))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_path_on_gpu_matches_loop():
+    torch.manual_seed(0)
+    counts = torch.tensor([16, 0, 32, 48], device="cuda")
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 64, 32, device="cuda", dtype=torch.bfloat16)
+    expert = torch.repeat_interleave(torch.arange(4, device="cuda"), counts)
+    ref = torch.einsum("mi,mio->mo", x.float(), w[expert].float())
+    torch.testing.assert_close(grouped_matmul(x, w, counts).float(), ref, atol=0.1, rtol=0.05)
