@@ -119,7 +119,8 @@ def read_config(folder: Path) -> dict:
 
 
 def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer, Optional[Tokenizer], dict]:
-    """Load (model in eval mode, tokenizer or None, config dict) from a checkpoint folder."""
+    """Load (model in eval mode, tokenizer or None, config dict) from a checkpoint folder.
+    Weights keep their stored dtype unless `dtype` is given."""
     folder = Path(folder)
     config = read_config(folder)
     cfg = ModelConfig.from_dict(config["model"])
@@ -131,9 +132,10 @@ def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer,
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise UserError(f"cannot read {weights}: {e}") from None
     model = build_model(cfg, device="meta")
+    stored = [t.dtype for t in state.values() if t.is_floating_point()]
+    # Keep the stored precision unless asked otherwise (a bf16 checkpoint loads as bf16).
+    model = model.to(dtype or (max(set(stored), key=stored.count) if stored else torch.float32))
     load_weights(model, state, str(weights), device=device or "cpu")
-    if dtype is not None:
-        model = model.to(dtype)
     tok_spec = config.get("tokenizer")
     tokenizer = load_tokenizer(tok_spec, folder) if tok_spec else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:

@@ -27,37 +27,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    out = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_text)
-    return out
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+    """Top-level parser listing every command; only the command named in argv is imported,
+    so one broken or slow-to-import command cannot affect the others."""
     parser = argparse.ArgumentParser(
         prog="andromeda",
         description="Build, train, evaluate and run efficient decoder-only language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
-    for name, (module_name, help_text) in _available().items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        modules[name] = module
-    return parser, modules
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(p)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser, module = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None or module is None:
         parser.print_help()
         return 1
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as e:
         print(f"andromeda {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -63,3 +63,13 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
     save_checkpoint(tmp_path / "ck", model, ByteTokenizer())
     with pytest.raises(UserError, match="vocab_size"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_stored_dtype_is_kept(tmp_path):
+    model = build_model(get_preset("llama-tiny"), dtype=torch.bfloat16)
+    save_checkpoint(tmp_path / "ck", model, ByteTokenizer())
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.embed.weight.dtype == torch.bfloat16
+    assert loaded.rotary.inv_freq.dtype == torch.float32  # derived tables stay in float32
+    as_fp32, _, _ = load_checkpoint(tmp_path / "ck", dtype=torch.float32)
+    assert as_fp32.embed.weight.dtype == torch.float32
