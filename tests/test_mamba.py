@@ -84,7 +84,7 @@ def test_gradients_reach_every_mamba_parameter():
 
 
 def test_tiny_mamba_training_beats_unigram():
-    loss, unigram = train_beats_unigram(tiny_config(mamba=MAMBA, layout=dict(attention_every=2)), steps=40)
+    loss, unigram = train_beats_unigram(tiny_config(mamba=MAMBA), steps=40)  # Mamba mixers only
     assert loss < 0.5 * unigram, (loss, unigram)
 
 

@@ -1,0 +1,117 @@
+"""Mixture-of-Depths: top-k capacity routing in training, the causal predictor rule in eval
+and cached decoding, gradients to router and predictor, a tiny training run, the anemone
+presets that combine every family, and config validation."""
+
+import math
+
+import pytest
+import torch
+
+from andromeda.errors import ConfigError
+from andromeda.model import build_model
+from andromeda.model.mod import MoDBlock
+from andromeda.model.transformer import Context
+from andromeda.presets import get_preset
+from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
+                         tiny_config, tokens, train_beats_unigram)
+from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
+
+EVERY_BLOCK = dict(mod_every=1, mod_offset=0)
+
+
+def _context(model, L):
+    positions = torch.arange(L)
+    return Context(positions, 0, model.rotary(positions, torch.float32), plain_causal=True)
+
+
+def test_training_routes_top_capacity_tokens_and_scales_by_router():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mod=dict(capacity=0.25), layout=EVERY_BLOCK)).train()
+    layer = model.layers[0]
+    assert isinstance(layer, MoDBlock)
+    B, L, D = 2, 12, model.cfg.dim
+    x = torch.randn(B, L, D)
+    with torch.no_grad():
+        out = layer(x, _context(model, L))
+        C = math.ceil(0.25 * L)
+        logits = layer.router(x).squeeze(-1)
+        for b in range(B):
+            idx = logits[b].topk(C).indices.sort().values
+            skipped = torch.ones(L, dtype=torch.bool)
+            skipped[idx] = False
+            assert torch.equal(out[b, skipped], x[b, skipped])  # skipped tokens ride the residual
+            sub = x[b:b + 1, idx]
+            inner = layer.block(sub, _context(model, C))  # the block sees a contiguous short sequence
+            expected = sub + torch.sigmoid(logits[b, idx])[None, :, None] * (inner - sub)
+            torch.testing.assert_close(out[b:b + 1, idx], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_predictor_gets_bce_loss_on_topk_decisions():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(depth=1, mod=dict(capacity=0.5, predictor_loss_weight=2.0), layout=EVERY_BLOCK))
+    model.train()
+    x = tokens(2, 10)
+    model(x)
+    ctx = model.last_context
+    # Reference: BCE of the predictor on the block input against the router's top-5 mask.
+    h = model.embed(x)
+    layer = model.layers[0]
+    chosen = torch.zeros(2, 10)
+    chosen.scatter_(1, layer.router(h).squeeze(-1).topk(5, dim=-1).indices, 1.0)
+    p = torch.sigmoid(layer.predictor(h).squeeze(-1))
+    bce0 = -(chosen * p.log() + (1 - chosen) * (1 - p).log()).mean()
+    torch.testing.assert_close(ctx.aux_losses["mod_predictor"], 2.0 * bce0)
+
+
+def test_eval_is_causal_and_cached_decoding_matches_with_uneven_rows():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(depth=3, mod=dict(capacity=0.25), layout=EVERY_BLOCK))
+    x = tokens(3, 14)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    fractions = [v.item() for k, v in model.last_context.stats.items() if k.startswith("mod_fraction")]
+    assert any(0.0 < f < 1.0 for f in fractions), fractions  # some tokens routed, some skipped
+    assert_causal(model, x, t=6)
+    assert_cached_matches_full(model, x)
+
+
+def test_gradients_reach_router_predictor_and_block():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mod=dict(capacity=0.5), layout=EVERY_BLOCK))
+    assert_all_parameters_learn(model, tokens(4, 16))
+
+
+def test_tiny_mod_training_beats_unigram():
+    cfg = tiny_config(depth=2, mod=dict(capacity=0.5))  # every other block routed
+    loss, unigram = train_beats_unigram(cfg, steps=40)
+    assert loss < 0.5 * unigram, (loss, unigram)
+
+
+@pytest.mark.parametrize("name", ["anemone-tiny", "anemone-bf16-tiny", "anemone-1.58-tiny", "jamba-tiny"])
+def test_anemone_presets_are_causal_and_cache_exactly(name):
+    torch.manual_seed(0)
+    cfg = get_preset(name)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
+    assert_causal(model, x, t=5)
+    assert_cached_matches_full(model, x)
+
+
+@pytest.mark.parametrize("extras,match", [
+    (dict(mod=dict(capacity=0)), "capacity"),
+    (dict(mod=dict(capacity=1.5)), "capacity"),
+    (dict(mod=dict(predictor_hidden=-1)), "predictor_hidden"),
+    (dict(mod=dict(capcity=0.5)), "unknown key"),
+])
+def test_config_errors(extras, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(tiny_config(**extras))
+
+
+def test_post_norm_is_refused():
+    cfg = tiny_config(mod={})
+    cfg.norm.placement = "post"
+    with pytest.raises(ConfigError, match="placement='pre'"):
+        build_model(cfg)
