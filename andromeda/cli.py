@@ -27,9 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, object]:
     """Top-level parser listing every command; only the command named in argv is imported,
-    so one broken or slow-to-import command cannot affect the others."""
+    so one broken or slow-to-import command cannot affect the others (argv None: all are)."""
     parser = argparse.ArgumentParser(
         prog="andromeda",
         description="Build, train, evaluate and run efficient decoder-only language models.")
@@ -37,7 +37,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        if name == chosen:
+        if name == chosen or argv is None:
             module = importlib.import_module(module_name)
             p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
