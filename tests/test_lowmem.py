@@ -1,0 +1,129 @@
+"""Low-memory optimizers: state bytes against torch AdamW on the same model, loss goes down,
+the GaLore step against its definition, the 8-bit fallback against float32 AdamW, and
+optimizer state that reloads with torch.load(weights_only=True)."""
+
+import importlib.util
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda.model import build_model
+from andromeda.train.lowmem import (BlockwiseAdamW8bit, _dequantize, _quantize, adamw8bit, galore,
+                                    optimizer_state_bytes)
+from arch_checks import VOCAB, tiny_config, tokens
+from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(dim=64, depth=2, heads=4, kv_heads=2))
+
+
+def _groups(model):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _loss(model, x):
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+
+
+def _train(model, opt, steps=6):
+    x = tokens(4, 24, seed=3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(model, x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(_loss(model, x).item())
+    return losses
+
+
+def _adamw_state_bytes():
+    model = _model()
+    opt = torch.optim.AdamW(_groups(model), lr=3e-3)
+    _train(model, opt, steps=1)
+    return optimizer_state_bytes(opt)
+
+
+def test_adamw8bit_saves_state_and_lowers_loss():
+    model = _model()
+    opt = adamw8bit(model, _groups(model), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert type(opt).__module__.startswith("bitsandbytes")  # the maintained kernel when it installs
+    losses = _train(model, opt)
+    assert losses[-1] < losses[0] - 0.3, losses
+    ratio = optimizer_state_bytes(opt) / _adamw_state_bytes()
+    assert ratio < 0.4, ratio  # 2 bytes + block scales per parameter instead of 8 (small tensors stay fp32)
+
+
+def test_blockwise_fallback_tracks_float32_adamw():
+    """The hand-written 8-bit AdamW follows torch AdamW closely over a few steps."""
+    ref_model, model = _model(), _model()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = BlockwiseAdamW8bit(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, min_8bit_size=256)
+    ref_losses, losses = _train(ref_model, ref), _train(model, opt)
+    assert losses[-1] < losses[0] - 0.1
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        moved = (q.detach() - _model().state_dict()[name]).abs().max()
+        assert (p - q).abs().max() < 0.25 * moved + 1e-6, name
+    assert abs(losses[-1] - ref_losses[-1]) < 0.05
+    assert optimizer_state_bytes(opt) < 0.3 * optimizer_state_bytes(ref)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blockwise_quantisation_error_is_small_relative_to_block_max(signed):
+    torch.manual_seed(0)
+    x = torch.randn(1000) * torch.logspace(-4, 0, 1000)
+    x = x if signed else x.abs()
+    codes, absmax = _quantize(x, signed)
+    assert codes.dtype == (torch.int8 if signed else torch.uint8)
+    back = _dequantize(codes, absmax, x.shape, signed)
+    blockmax = x.abs().view(-1)[: 1000].max()
+    assert (back - x).abs().max() < 0.02 * blockmax
+    assert torch.equal(torch.sign(back[back != 0]), torch.sign(x[back != 0]))
+
+
+def test_galore_saves_state_lowers_loss_and_reloads():
+    model = _model()
+    opt = galore(model, _groups(model), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, rank=4,
+                 update_proj_gap=3, scale=1.0)
+    losses = _train(model, opt)
+    assert losses[-1] < losses[0] - 0.3, losses
+    ratio = optimizer_state_bytes(opt) / _adamw_state_bytes()
+    assert ratio < 0.5, ratio
+    low = [g for g in opt.param_groups if g["galore"]]
+    assert low and all(p.dim() == 2 for g in low for p in g["params"])
+    assert id(model.embed.weight) not in {id(p) for g in low for p in g["params"]}
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+
+
+def test_galore_first_step_follows_its_definition():
+    """Step 1 of GaLore-Adam: P = top-r left singular vectors of G (m <= n), R = P^T G,
+    Adam's first normalised step is R / (|R| + eps), the update is scale * P (that)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 6, bias=False)  # weight (6, 12): project on the left
+    w0 = lin.weight.detach().clone()
+    opt = galore(lin, None, lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, rank=2, update_proj_gap=10, scale=0.5)
+    x = torch.randn(5, 12)
+    lin(x).pow(2).sum().backward()
+    G = lin.weight.grad.clone()
+    opt.step()
+    U = torch.linalg.svd(G, full_matrices=False).U[:, :2]
+    R = U.T @ G
+    expected = w0 - 0.1 * 0.5 * (U @ (R / (R.abs() + 1e-8)))
+    torch.testing.assert_close(lin.weight.detach(), expected, atol=1e-5, rtol=1e-4)
