@@ -115,3 +115,15 @@ def test_post_norm_is_refused():
     cfg.norm.placement = "post"
     with pytest.raises(ConfigError, match="placement='pre'"):
         build_model(cfg)
+
+
+def test_anemone_checkpoint_roundtrip_keeps_logits(tmp_path):
+    from andromeda.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("anemone-tiny")).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 10))
+    save_checkpoint(tmp_path / "ckpt", model)
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
