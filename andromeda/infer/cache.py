@@ -10,6 +10,9 @@
   decoding one token at a time.
 - `ModelCache`: one state object per layer, made by each layer's `init_state` so mixers other
   than attention (e.g. Mamba) bring their own state type.
+- `batch_rows(cache, start, stop)`: a view of some sequences of a batch cache (prefill one
+  prompt into its row); `recurrent_buffers` / `reset_recurrent`: the states that are not
+  addressed by position (token shift), to snapshot or clear.
 """
 
 from __future__ import annotations
@@ -83,3 +86,40 @@ class ModelCache(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.max_len = max_len
         self.batch = batch
+
+
+# ---------------------------------------------------------------- helpers for the generation engine
+def _row_view(module: nn.Module, rows: slice) -> nn.Module:
+    """A shallow copy of `module` whose buffers (and its children's) are views of `rows` of
+    the originals, so writes through the copy land in the original storage."""
+    view = object.__new__(type(module))
+    view.__dict__ = dict(module.__dict__)
+    view._buffers = {k: (b[rows] if b is not None else None) for k, b in module._buffers.items()}
+    view._modules = {k: (_row_view(m, rows) if m is not None else None) for k, m in module._modules.items()}
+    return view
+
+
+def batch_rows(cache: ModelCache, start: int, stop: int) -> ModelCache:
+    """The cache of sequences start..stop-1 of a batch cache, sharing its storage: a prompt
+    can be prefilled alone into its row of a batch that then decodes together."""
+    view = _row_view(cache, slice(start, stop))
+    view.batch = stop - start
+    return view
+
+
+def recurrent_buffers(cache: ModelCache) -> list[torch.Tensor]:
+    """Buffers of every state other than KV caches (token-shift rows, ...). Unlike a KV cache,
+    whose slots are addressed by position, these summarise the whole past: they must start at
+    zero for a new sequence and be restored to undo tokens (speculative decoding)."""
+    out = []
+    for module in cache.modules():
+        if not isinstance(module, KVCache):
+            out.extend(b for b in module.buffers(recurse=False) if b is not None)
+    return out
+
+
+def reset_recurrent(cache: ModelCache) -> None:
+    """Zero the recurrent states so the cache can serve new sequences (KV slots need no reset:
+    reads never go past the positions written for the current sequence)."""
+    for buf in recurrent_buffers(cache):
+        buf.zero_()
