@@ -34,7 +34,7 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
         prog="andromeda",
         description="Build, train, evaluate and run efficient decoder-only language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in COMMANDS.items():
         if name == chosen or argv is None:
