@@ -4,6 +4,8 @@ metrics, NaN stop, CLI errors and the benchmark entry point."""
 
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -316,3 +318,80 @@ def test_benchmark_train_reports_throughput():
     result = benchmark_train("llama-tiny", seq_len=32, batch_size=2, steps=2, compile=False, dtype="fp32",
                              device="cpu", warmup=1)
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_mem"] is None
+
+
+# ----- plot ----------------------------------------------------------------------------------
+
+def _fake_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 5.0 / s, "lr": 1e-3, "tokens_per_s": 1.0, "elapsed_s": s * 2.0} for s in range(1, 9)]
+    lines.insert(4, {"step": 4, "val_loss": 1.5, "elapsed_s": 8.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run
+
+
+def test_plot_writes_an_image(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path)
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0
+    data = (tmp_path / "curves.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+
+
+def test_plot_without_matplotlib_or_metrics_exits_2(tmp_path, capsys, monkeypatch):
+    assert main(["plot", str(tmp_path)]) == 2  # no metrics.jsonl
+    assert "metrics.jsonl" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    assert main(["plot", str(_fake_run(tmp_path))]) == 2
+    assert "pip install 'andromeda[plot]'" in capsys.readouterr().err
+
+
+# ----- data parallel -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_the_global_batch(tmp_path, toy_data):
+    """torchrun with 2 CPU ranks (gloo), micro-batch 2 each == one process, micro-batch 4:
+    the loader gives rank r the r-th block of the same windows and DDP averages gradients."""
+    import subprocess
+    common = ["--preset", "llama-tiny", "--set", "dim=32", "--data", str(toy_data), "--max-steps", "6",
+              "--set", "train.seq_len=32", "--set", "train.log_every=1", "--set", "train.eval_every=3",
+              "--set", "train.eval_batches=1", "--set", "train.lr=2e-3", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "andromeda", "train", *common, "--set", "train.batch_size=2",
+                          "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert main(["train", *common, "--set", "train.batch_size=4", "--out", str(tmp_path / "one")]) == 0
+
+    def curve(run):
+        rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r.get("loss", r.get("val_loss")) for r in rows]
+    assert len(curve(tmp_path / "ddp")) == len(curve(tmp_path / "one")) == 8
+    assert curve(tmp_path / "ddp") == pytest.approx(curve(tmp_path / "one"), rel=1e-4)
+    a, _, _ = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest")
+    b, _, _ = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ----- precision and compile -----------------------------------------------------------------
+
+def test_bf16_autocast_tracks_fp32(tmp_path):
+    """The bf16 path (the CUDA default) also runs under CPU autocast: same loss to bf16 precision."""
+    fp32 = make_trainer(tmp_path / "a", dtype="fp32")
+    bf16 = make_trainer(tmp_path / "b", dtype="bf16")
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype is None
+    for _ in range(3):
+        assert bf16.train_step() == pytest.approx(fp32.train_step(), rel=2e-2)
+    assert all(p.dtype == torch.float32 for p in bf16.raw.parameters())  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = make_trainer(tmp_path / "a")
+    compiled = make_trainer(tmp_path / "b", compile=True)
+    for _ in range(3):
+        assert compiled.train_step() == pytest.approx(eager.train_step(), rel=1e-4)
+    assert set(compiled.raw.state_dict()) == set(eager.raw.state_dict())  # checkpoints keep plain names

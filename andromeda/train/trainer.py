@@ -134,9 +134,13 @@ class Trainer:
         state = self._train_state()  # every rank takes part in the gather
         if self.dist.main:
             meta = dict(self.meta, step=self.step, best_val=_finite_or_none(self.best_val))
-            self.last_saved = ckpt.save_step(self.run_dir, self.step, self.raw, self.tokenizer, meta, state,
-                                             is_best, self.cfg.keep_last)
-        return ckpt.step_dir(self.run_dir, self.step)
+            ckpt.save_step(self.run_dir, self.step, self.raw, self.tokenizer, meta, state, is_best,
+                           self.cfg.keep_last)
+        if self.dist.world > 1:
+            import torch.distributed as dist
+            dist.barrier()  # no rank reads the checkpoint before it exists
+        self.last_saved = ckpt.step_dir(self.run_dir, self.step)
+        return self.last_saved
 
     # ----- one step ----------------------------------------------------------------------
     def train_step(self) -> float:
@@ -158,7 +162,12 @@ class Trainer:
             self.tokens_seen += x.numel() * self.dist.world
         norm = (torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
                 if cfg.grad_clip > 0 else torch.zeros((), device=self.device))
-        loss_value, norm_value = torch.stack([loss_sum.float(), norm.float().to(self.device)]).tolist()
+        stats = torch.stack([loss_sum.float(), norm.float().to(self.device)])
+        if self.dist.world > 1:  # every rank logs, checks and stops on the same global numbers
+            import torch.distributed as dist
+            dist.all_reduce(stats)
+            stats /= self.dist.world
+        loss_value, norm_value = stats.tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             where = f"; the last good checkpoint is {self.last_saved}" if self.last_saved else ""
