@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from andromeda.errors import UserError
@@ -37,7 +38,7 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     chosen = next((a for a in argv or [] if not a.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        if name == chosen or argv is None:
+        if name == chosen or (argv is None and importlib.util.find_spec(module_name) is not None):
             module = importlib.import_module(module_name)
             p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
