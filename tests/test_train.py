@@ -45,8 +45,9 @@ def small_model(**changes) -> Transformer:
 
 def make_trainer(tmp_path, model=None, batch=4, accum=1, seq=16, **train):
     model = model or small_model()
+    train.setdefault("tensorboard", False)
     cfg = TrainConfig(max_steps=train.pop("max_steps", 10), batch_size=batch, grad_accum=accum, seq_len=seq,
-                      tensorboard=False, **train)
+                      **train)
     data = RandomTokens(model.cfg.vocab_size, batch, seq, CPU, seed=1)
     return Trainer(tmp_path, model, None, cfg, data, None, CPU, progress=False)
 
@@ -395,3 +396,14 @@ def test_compiled_training_matches_eager(tmp_path):
     for _ in range(3):
         assert compiled.train_step() == pytest.approx(eager.train_step(), rel=1e-4)
     assert set(compiled.raw.state_dict()) == set(eager.raw.state_dict())  # checkpoints keep plain names
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    trainer = make_trainer(tmp_path, max_steps=4, log_every=1, tensorboard=True)
+    trainer.fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
