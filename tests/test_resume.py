@@ -172,3 +172,30 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, data):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_many_times(tmp_path, data, seed):
     _check_killed_run_matches(tmp_path, data, steps=60, kills=6, seed=seed)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "galore"])
+def test_lowmem_optimizer_state_resumes_exactly(tmp_path, optimizer):
+    pytest.importorskip("andromeda.train.lowmem")
+    from andromeda.model.config import ModelConfig
+    from andromeda.model.transformer import Transformer
+    from andromeda.train.config import TrainConfig
+    from andromeda.train.trainer import RandomTokens, Trainer
+
+    cpu = torch.device("cpu")
+
+    def trainer(run):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=64, max_seq_len=16, dim=32, depth=2,
+                                        attention=dict(heads=2), mlp=dict(multiple_of=16)))
+        cfg = TrainConfig(max_steps=8, batch_size=2, seq_len=16, optimizer=optimizer, save_every=4,
+                          tensorboard=False)
+        return Trainer(run, model, None, cfg, RandomTokens(64, 2, 16, cpu, seed=1), None, cpu, progress=False)
+    straight = trainer(tmp_path / "a")
+    expected = [straight.train_step() for _ in range(8)]
+    trainer(tmp_path / "b").fit(stop_after=4)
+    resumed = trainer(tmp_path / "b")
+    resumed.resume(tmp_path / "b" / "checkpoints" / "step_0000004")
+    assert [resumed.train_step() for _ in range(4)] == expected[4:]
+    for p, q in zip(straight.raw.parameters(), resumed.raw.parameters()):
+        assert torch.equal(p, q)

@@ -46,6 +46,7 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
