@@ -5,16 +5,29 @@ validation."""
 import pytest
 import torch
 import torch.nn.functional as F
+from arch_checks import (
+    assert_all_parameters_learn,
+    assert_cached_matches_full,
+    assert_causal,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+    train_beats_unigram,
+)
 
 from andromeda.errors import ConfigError, UserError
 from andromeda.model import build_model
 from andromeda.model.bitlinear import BitLinear, quantize_activation, quantize_weight
 from andromeda.presets import get_preset
-from andromeda.quant.bitpack import (PACKED_WEIGHTS, load_packed, pack_model, pack_ternary, save_packed,
-                                     ternary_bytes, unpack_ternary)
-from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
-                         tiny_config, tokens, train_beats_unigram)
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
+from andromeda.quant.bitpack import (
+    PACKED_WEIGHTS,
+    load_packed,
+    pack_model,
+    pack_ternary,
+    save_packed,
+    ternary_bytes,
+    unpack_ternary,
+)
 
 ALL_BITNET = dict(attention="bitnet", mlp="bitnet", mixer="bitnet", router="bitnet")
 

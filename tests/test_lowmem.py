@@ -8,12 +8,15 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from arch_checks import (
+    VOCAB,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+)
 
 from andromeda.model import build_model
-from andromeda.train.lowmem import (BlockwiseAdamW8bit, _dequantize, _quantize, adamw8bit, galore,
-                                    optimizer_state_bytes)
-from arch_checks import VOCAB, tiny_config, tokens
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
+from andromeda.train.lowmem import BlockwiseAdamW8bit, _dequantize, _quantize, adamw8bit, galore, optimizer_state_bytes
 
 
 def _model():

@@ -3,13 +3,19 @@ Jamba layout, and config validation."""
 
 import pytest
 import torch
+from arch_checks import (
+    assert_all_parameters_learn,
+    assert_cached_matches_full,
+    assert_causal,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+    train_beats_unigram,
+)
 
 from andromeda.errors import ConfigError
 from andromeda.model import build_model
 from andromeda.model.mamba import Mamba, mamba_chunk_scan_combined, ssd_chunked, ssd_step
-from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
-                         tiny_config, tokens, train_beats_unigram)
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
 
 MAMBA = dict(d_state=8, head_dim=8, chunk_size=4)
 
@@ -17,7 +23,7 @@ MAMBA = dict(d_state=8, head_dim=8, chunk_size=4)
 def recurrence(x, dt, A, B, C, h0):
     """The selective SSM written step by step (Mamba-2 eq.): h_t = exp(dt_t A) h_{t-1} +
     dt_t x_t B_t^T, y_t = h_t C_t; per head, state (p, n)."""
-    b, l, H, p = x.shape
+    l, H = x.shape[1], x.shape[2]
     h, ys = h0.clone(), []
     for t in range(l):
         for hh in range(H):
@@ -38,7 +44,7 @@ def test_chunked_scan_matches_recurrence(length, chunk):
     y_ref, h_ref = recurrence(x, dt, A, B, C, h0)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(final, h_ref, atol=1e-4, rtol=1e-4)
-    y1, s1 = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0)
+    y1, _ = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0)
     torch.testing.assert_close(y1, y_ref[:, 0], atol=1e-5, rtol=1e-5)
 
 

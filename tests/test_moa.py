@@ -6,15 +6,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from arch_checks import (
+    assert_all_parameters_learn,
+    assert_cached_matches_full,
+    assert_causal,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+    train_beats_unigram,
+)
 
 from andromeda.errors import ConfigError
 from andromeda.model import build_model, count_parameters
 from andromeda.model.moa import MixtureOfAttentionHeads
 from andromeda.model.position import apply_rotary
 from andromeda.model.transformer import Context
-from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
-                         tiny_config, tokens, train_beats_unigram)
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
 
 MOA = dict(num_experts=4, top_k=2)
 
@@ -22,7 +28,7 @@ MOA = dict(num_experts=4, top_k=2)
 def reference_moa(model, moa: MixtureOfAttentionHeads, x: torch.Tensor) -> torch.Tensor:
     """Loop over tokens and their selected experts; every expert head attends causally to
     the shared keys/values of its KV group (JetMoE's MoA)."""
-    B, L, D = x.shape
+    B, L, _ = x.shape
     he, kvh, hd, k = moa.expert_heads, moa.kv_heads, moa.head_dim, moa.k
     rt = model.rotary(torch.arange(L), x.dtype)
     kv = moa.wkv(x).view(B, L, 2, kvh, hd)

@@ -6,15 +6,21 @@ import math
 
 import pytest
 import torch
+from arch_checks import (
+    assert_all_parameters_learn,
+    assert_cached_matches_full,
+    assert_causal,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+    train_beats_unigram,
+)
 
 from andromeda.errors import ConfigError
 from andromeda.model import build_model
 from andromeda.model.mod import MoDBlock
 from andromeda.model.transformer import Context
 from andromeda.presets import get_preset
-from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
-                         tiny_config, tokens, train_beats_unigram)
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
 
 EVERY_BLOCK = dict(mod_every=1, mod_offset=0)
 

@@ -5,14 +5,20 @@ gradients, a tiny training run, and config validation."""
 import pytest
 import torch
 import torch.nn.functional as F
+from arch_checks import (
+    assert_all_parameters_learn,
+    assert_cached_matches_full,
+    assert_causal,
+    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
+    tiny_config,
+    tokens,
+    train_beats_unigram,
+)
 
 from andromeda.errors import ConfigError
 from andromeda.model import build_model, count_parameters
 from andromeda.model.moe import MoE, grouped_matmul
 from andromeda.presets import get_preset
-from arch_checks import (assert_all_parameters_learn, assert_cached_matches_full, assert_causal,
-                         tiny_config, tokens, train_beats_unigram)
-from arch_checks import single_thread  # noqa: F401  (autouse fixture: one CPU thread)
 
 
 class Ctx:

@@ -78,7 +78,7 @@ class TernaryWeights:
             return quantize_weight(getattr(self, name))
         from andromeda.quant.bitpack import unpack_ternary
 
-        shape = getattr(self, "_packed_shapes")[name]
+        shape = self._packed_shapes[name]
         scale = getattr(self, name + "_scale")  # kept in the model's dtype by .to()
         return (unpack_ternary(packed, shape).float() * scale.float()).to(scale.dtype)
 

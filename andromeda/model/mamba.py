@@ -155,7 +155,7 @@ class Mamba(nn.Module):
 
     def _conv(self, xbc: torch.Tensor, state: Optional[MambaState]) -> torch.Tensor:
         """Causal depthwise conv over time; the state's window replaces the zero padding."""
-        B, L, Cd = xbc.shape
+        B, _, Cd = xbc.shape
         xt = xbc.transpose(1, 2)  # (B, C, L)
         k = self.mcfg.d_conv
         past = state.conv.to(xt.dtype) if state is not None else xt.new_zeros(B, Cd, k - 1)

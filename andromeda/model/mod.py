@@ -123,7 +123,7 @@ class MoDBlock(nn.Module):
         return x + torch.zeros_like(x).scatter(1, gather, delta)
 
     def _causal_forward(self, x, ctx, state, weight):
-        B, L, D = x.shape
+        B = x.shape[0]
         chosen = self.predictor(x).squeeze(-1) > 0  # (B, L): each token decides alone
         ctx.stats[f"mod_fraction/layer{self.layer_idx}"] = chosen.float().mean().detach()
         out = x.clone()
