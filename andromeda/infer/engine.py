@@ -4,6 +4,8 @@ HTTP server.
 - `Engine(model, tokenizer, device, dtype, compile=False, draft=None)`:
   `generate(prompts, params) -> list[GenerationResult]` and `stream(prompts, params)`, an
   iterator of `StreamEvent`s (text pieces as they become final, then each sequence's result).
+- `prepare_model(model, device, dtype)`: move a model for inference (eval mode, derived
+  tables kept in float32).
 - `GenerationResult`: text, token ids, counts, finish reason ('eos', 'stop', 'length'),
   prefill time and decode speed (and the draft acceptance rate with speculative decoding).
 
@@ -63,6 +65,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prepare_model(model, device, dtype=None):
+    """Move a model for inference. Derived tables (rotary frequencies, ALiBi slopes) are
+    recomputed afterwards so they stay float32 whatever the weights' dtype."""
+    model = model.to(device=device, dtype=dtype).eval()
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return model
+
+
 class _Sequence:
     """Host-side bookkeeping of one sequence: ids, text, stop rule, timing."""
 
@@ -120,12 +132,7 @@ class Engine:
         self._caches: dict = {}
 
     def _prepare(self, model):
-        model = model.to(device=self.device, dtype=self.dtype).eval()
-        # Derived tables (rotary frequencies, ALiBi slopes) stay float32 whatever the weights' dtype.
-        for module in model.modules():
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers()
-        return model
+        return prepare_model(model, self.device, self.dtype)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
