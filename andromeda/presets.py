@@ -174,6 +174,7 @@ def _bitnet(tiny: bool) -> dict:
 
 _ALL_BITNET = dict(attention="bitnet", mlp="bitnet", mixer="bitnet", router="bitnet")
 _BITNET_BUT_ATTENTION = dict(mlp="bitnet", mixer="bitnet")
+_BITNET_FFN_ONLY = dict(mlp="bitnet")
 
 PRESETS.update({
     "anemone": ("Jamba layout + MoE + MoD + MoA, BitLinear b1.58 in MLP/experts and Mamba (attention dense)",
@@ -181,12 +182,15 @@ PRESETS.update({
     "anemone-bf16": ("anemone without BitLinear (all projections dense)", _anemone(False, {})),
     "anemone-1.58": ("anemone with every projection 1.58-bit (attention, MLP, Mamba, routers)",
                      _anemone(False, _ALL_BITNET)),
+    "anemone-1.58-ffn": ("anemone with 1.58-bit MLP/experts only (attention and Mamba dense)",
+                         _anemone(False, _BITNET_FFN_ONLY)),
     "jamba": ("Jamba v0.1 shape: Mamba + attention 1:7, MoE 16x top-2 every other layer", _jamba(False)),
     "moe": ("Mixtral-style MoE decoder, 8 experts top-2", _moe(False)),
     "bitnet": ("BitNet b1.58 700M shape: ternary attention and MLP", _bitnet(False)),
     "anemone-tiny": ("CPU-sized anemone", _anemone(True, _BITNET_BUT_ATTENTION)),
     "anemone-bf16-tiny": ("CPU-sized anemone-bf16", _anemone(True, {})),
     "anemone-1.58-tiny": ("CPU-sized anemone-1.58", _anemone(True, _ALL_BITNET)),
+    "anemone-1.58-ffn-tiny": ("CPU-sized anemone-1.58-ffn", _anemone(True, _BITNET_FFN_ONLY)),
     "jamba-tiny": ("CPU-sized jamba", _jamba(True)),
     "moe-tiny": ("CPU-sized moe", _moe(True)),
     "bitnet-tiny": ("CPU-sized bitnet", _bitnet(True)),

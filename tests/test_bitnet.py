@@ -133,6 +133,17 @@ def test_attention_stays_dense_when_only_mlp_is_ternary():
             assert isinstance(m.in_proj, BitLinear)
 
 
+def test_ffn_only_preset_keeps_attention_and_mamba_dense():
+    model = build_model(get_preset("anemone-1.58-ffn-tiny"))
+    for m in model.modules():
+        if type(m).__name__ == "Mamba":
+            assert not isinstance(m.in_proj, BitLinear) and not isinstance(m.out_proj, BitLinear)
+        if type(m).__name__ == "MoE":
+            assert m.bitnet
+        if type(m).__name__ == "GatedMLP":
+            assert isinstance(m.w_in, BitLinear)
+
+
 def test_tiny_bitnet_training_beats_unigram():
     loss, unigram = train_beats_unigram(tiny_config(linear=dict(attention="bitnet", mlp="bitnet")), steps=40)
     assert loss < 0.5 * unigram, (loss, unigram)
