@@ -165,3 +165,18 @@ def test_grouped_mm_path_on_gpu_matches_loop():
     expert = torch.repeat_interleave(torch.arange(4, device="cuda"), counts)
     ref = torch.einsum("mi,mio->mo", x.float(), w[expert].float())
     torch.testing.assert_close(grouped_matmul(x, w, counts).float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_presets_command_reports_active_below_total(capsys):
+    import json
+
+    from andromeda.cli import main
+
+    assert main(["presets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name in ("anemone", "anemone-bf16", "anemone-1.58", "jamba", "moe", "anemone-tiny", "moe-tiny"):
+        assert rows[name]["active_params"] < rows[name]["total_params"], name
+    assert rows["bitnet"]["active_params"] == rows["bitnet"]["total_params"]
+    # Jamba v0.1: 52B total, 12B active (Lieber et al. 2024, table 1).
+    assert abs(rows["jamba"]["total_params"] / 1e9 - 52) < 1.0
+    assert abs(rows["jamba"]["active_params"] / 1e9 - 12) < 0.5
