@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from andromeda.checkpoint import load_checkpoint
 from andromeda.cli import main

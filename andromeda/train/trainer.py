@@ -79,12 +79,11 @@ class Trainer:
 
     def __init__(self, run_dir: Path, model: Transformer, tokenizer, cfg: TrainConfig, train_loader,
                  make_val_loader: Optional[Callable[[], object]], device: torch.device,
-                 meta: Optional[dict] = None, dist: DistInfo = DistInfo(), progress: bool = True,
-                 out=sys.stdout):
+                 meta: Optional[dict] = None, dist: Optional[DistInfo] = None, progress: bool = True):
         self.run_dir, self.raw, self.tokenizer, self.cfg = Path(run_dir), model, tokenizer, cfg
         self.train_loader, self.make_val_loader = train_loader, make_val_loader
         self.device, self.dtype = device, resolve_dtype(cfg, device)
-        self.meta, self.dist, self.progress, self.out = dict(meta or {}), dist, progress, out
+        self.meta, self.dist, self.progress = dict(meta or {}), dist or DistInfo(), progress
         self.seq_len = cfg.seq_len or model.cfg.max_seq_len
         if device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -93,7 +92,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw, cfg)
         if cfg.compile:
             compile_model(self.raw)
-        self.model = wrap_ddp(self.raw, dist, device)
+        self.model = wrap_ddp(self.raw, self.dist, device)
         self.warmup = warmup_steps(cfg.max_steps, cfg.warmup_frac)
         self.step, self.best_val, self.elapsed, self.tokens_seen = 0, math.inf, 0.0, 0
         self.flops_per_token = flops_per_token(self.raw, self.seq_len)
@@ -152,6 +151,7 @@ class Trainer:
         batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
         targets = sum(int((y != IGNORE).sum()) for _, y, _ in batches)
         loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
         for i, (x, y, doc) in enumerate(batches):
             with no_sync(self.model, i == len(batches) - 1), autocast(self.device, self.dtype):
                 logits = self.model(x, doc_ids=doc)
@@ -159,15 +159,16 @@ class Trainer:
                 aux = self._aux_loss() / len(batches)
             (loss + aux).backward()
             loss_sum += loss.detach()
+            aux_sum += aux.detach() if torch.is_tensor(aux) else aux
             self.tokens_seen += x.numel() * self.dist.world
         norm = (torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
                 if cfg.grad_clip > 0 else torch.zeros((), device=self.device))
-        stats = torch.stack([loss_sum.float(), norm.float().to(self.device)])
+        stats = torch.stack([loss_sum.float(), norm.float().to(self.device), aux_sum.float()])
         if self.dist.world > 1:  # every rank logs, checks and stops on the same global numbers
             import torch.distributed as dist
             dist.all_reduce(stats)
             stats /= self.dist.world
-        loss_value, norm_value = stats.tolist()
+        loss_value, norm_value, self.aux = stats.tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             where = f"; the last good checkpoint is {self.last_saved}" if self.last_saved else ""
@@ -211,6 +212,8 @@ class Trainer:
                     t_last, tokens_last = now, self.tokens_seen
                     record = {"step": self.step, "loss": loss, "lr": self.lr, "grad_norm": self.grad_norm,
                               "tokens_per_s": tok_s, "elapsed_s": self.elapsed}
+                    if self.aux:
+                        record["aux_loss"] = self.aux
                     util = mfu(tok_s / self.dist.world, self.flops_per_token, self.peak_flops)
                     if util is not None:
                         record["mfu"] = util
