@@ -136,8 +136,6 @@ class ParallelBlock(nn.Module):
         return LayerState(mixer=self.mixer.init_state(batch, max_len, dtype, device), shift_mixer=shift)
 
 
-# name -> constructor(cfg, layer_idx); option families that add mixers (e.g. Mamba) add a
-# row here and a rule in `mixer_kind`.
 def _mamba(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     from andromeda.model.mamba import Mamba
 
@@ -150,6 +148,8 @@ def _moa(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return MixtureOfAttentionHeads(cfg, layer_idx)
 
 
+# name -> constructor(cfg, layer_idx); option families that add mixers (e.g. Mamba) add a
+# row here and a rule in `mixer_kind`.
 MIXERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"attention": Attention, "mamba": _mamba, "moa": _moa}
 
 

@@ -56,14 +56,14 @@ def _dense_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return GatedMLP(cfg) if cfg.mlp.gated else PlainMLP(cfg)
 
 
-# name -> constructor(cfg, layer_idx); option families that add FFNs (e.g. MoE) add a row
-# here and a rule in `ffn_kind`.
 def _moe_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     from andromeda.model.moe import MoE  # imported here: moe.py builds on this module
 
     return MoE(cfg, layer_idx)
 
 
+# name -> constructor(cfg, layer_idx); option families that add FFNs (e.g. MoE) add a row
+# here and a rule in `ffn_kind`.
 FFNS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"dense": _dense_ffn, "moe": _moe_ffn}
 
 
