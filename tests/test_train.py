@@ -288,7 +288,7 @@ def test_keep_last_and_best(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "no-such-preset"], "unknown preset"),
     (["--preset", "llama-tiny", "--set", "attention.no_such_key=1"], "unknown config key"),
-    (["--preset", "llama-tiny", "--set", "train.no_such_key=1"], "unknown config key"),
+    (["--preset", "llama-tiny", "--set", "train.no_such_key=1"], "unknown config key: train.no_such_key"),
     (["--preset", "llama-tiny", "--set", "train.dtype=fp8"], "train.dtype"),
     (["--preset", "llama-tiny", "--data", "/nonexistent/data/dir"], "data folder not found"),
     (["--preset", "llama-tiny", "--set", "train.seq_len=100000"], "max_seq_len"),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from andromeda.checkpoint import load_weights, read_config
-from andromeda.errors import UserError
+from andromeda.errors import ConfigError, UserError
 from andromeda.model.config import ModelConfig, apply_overrides
 from andromeda.model.transformer import Transformer, build_model
 from andromeda.presets import preset_dict
@@ -100,7 +100,7 @@ def resolve_run(args) -> RunPlan:
 
     model_sets, train_sets = split_overrides(args.set)
     model_cfg = apply_overrides(ModelConfig.from_dict(model_dict), model_sets)
-    train_cfg = apply_overrides(_train_from_dict(train_dict), train_sets)
+    train_cfg = _train_overrides(_train_from_dict(train_dict), train_sets)
     extra = {}
     if args.max_steps is not None:
         extra["max_steps"] = str(args.max_steps)
@@ -109,7 +109,7 @@ def resolve_run(args) -> RunPlan:
             extra["auto_batch"] = "true"
         else:
             extra["batch_size"], extra["auto_batch"] = args.batch_size, "false"
-    train_cfg = apply_overrides(train_cfg, extra)
+    train_cfg = _train_overrides(train_cfg, extra)
 
     seq_len = train_cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
@@ -135,6 +135,19 @@ def resolve_run(args) -> RunPlan:
         device = torch.device("cuda", dist.local_rank)
     return RunPlan(run_dir, model_cfg, train_cfg, data_dir, sft, init, seed, resume_from, dist, device,
                    resume_requested=bool(args.resume))
+
+
+def _train_overrides(cfg: TrainConfig, sets: dict) -> TrainConfig:
+    """apply_overrides for training fields, with messages that name keys as typed (train.x)."""
+    try:
+        return apply_overrides(cfg, sets)
+    except ConfigError as e:
+        text = str(e)
+        for key in sets:
+            text = text.replace(f"key: {key}", f"key: train.{key}")
+            if text.startswith(f"{key}="):
+                text = "train." + text
+        raise ConfigError(text) from None
 
 
 def _train_from_dict(d: dict) -> TrainConfig:
