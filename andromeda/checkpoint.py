@@ -125,6 +125,10 @@ def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer,
     config = read_config(folder)
     cfg = ModelConfig.from_dict(config["model"])
     weights = folder / WEIGHTS
+    if not weights.exists() and (folder / "model.packed.safetensors").exists():
+        # A BitNet model exported with 2-bit ternary weights: run it from the packed form.
+        from andromeda.quant.bitpack import load_packed
+        return load_packed(folder, device=device or "cpu")
     if not weights.exists():
         raise UserError(f"checkpoint {folder} has no {WEIGHTS}")
     try:

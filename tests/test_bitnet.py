@@ -105,6 +105,10 @@ def test_packed_model_gives_same_logits_and_is_7x_smaller(tmp_path):
         torch.testing.assert_close(torch.cat(steps, 1), ref, atol=2e-5, rtol=2e-5)
     assert ternary_bytes(loaded) == (dense_bytes, packed_bytes)
     assert (tmp_path / "packed" / PACKED_WEIGHTS).stat().st_size < 0.6 * dense_bytes
+    from andromeda.checkpoint import load_checkpoint  # generate/eval load packed folders too
+    via_checkpoint, _, _ = load_checkpoint(tmp_path / "packed")
+    with torch.no_grad():
+        torch.testing.assert_close(via_checkpoint(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_packing_a_dense_model_is_refused():

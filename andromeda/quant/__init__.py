@@ -1,0 +1,1 @@
+"""Post-training quantisation and packed weight formats, applied to a built model."""
