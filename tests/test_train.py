@@ -361,7 +361,7 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(tmp_path, toy_dat
               "--set", "train.seq_len=32", "--set", "train.log_every=1", "--set", "train.eval_every=3",
               "--set", "train.eval_batches=1", "--set", "train.lr=2e-3", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "andromeda", "train", *common, "--set", "train.batch_size=2",
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
