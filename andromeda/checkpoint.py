@@ -66,6 +66,7 @@ def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: boo
     try:
         fill(tmp)
         _fsync_tree(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; checkpoints are shared artefacts
         old = dest.with_name(dest.name + ".old")
         if dest.exists():
             if old.exists():

@@ -275,7 +275,8 @@ def _coerce(value: str, annotation: Any, key: str):
         if "dict" in hint:
             return json.loads(text)
     except ValueError:
-        raise ConfigError(f"{key}={value!r}: expected {hint.replace('typing.', '')}") from None
+        wanted = annotation.__name__ if isinstance(annotation, type) else hint.replace("typing.", "")
+        raise ConfigError(f"{key}={value!r}: expected {wanted}") from None
     return text
 
 
