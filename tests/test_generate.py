@@ -17,6 +17,15 @@ from andromeda.infer.generate import TextTracker
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machines are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -119,7 +128,7 @@ def test_generate_missing_or_corrupt_checkpoint(tmp_path, ckpt, capsys):
 
 
 def _subprocess(args, stdin_text):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "andromeda", *args], input=stdin_text, capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=120)
 

@@ -8,6 +8,15 @@ from andromeda.infer.sampling import (SamplingParams, apply_repetition_penalty, 
                                       make_generators, min_p_filter, sample, top_k_filter, top_p_filter)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machines are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_logits(rows=6, vocab=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, vocab, generator=g) * 2

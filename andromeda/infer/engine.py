@@ -5,7 +5,7 @@ HTTP server.
   `generate(prompts, params) -> list[GenerationResult]` and `stream(prompts, params)`, an
   iterator of `StreamEvent`s (text pieces as they become final, then each sequence's result).
 - `prepare_model(model, device, dtype)`: move a model for inference (eval mode, derived
-  tables kept in float32).
+  tables kept in float32, decode-friendly weight layout on CPU: `gemv_layout`).
 - `GenerationResult`: text, token ids, counts, finish reason ('eos', 'stop', 'length'),
   prefill time and decode speed (and the draft acceptance rate with speculative decoding).
 
@@ -24,6 +24,7 @@ import time
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
 from andromeda.errors import UserError
 from andromeda.infer.cache import batch_rows, reset_recurrent
@@ -67,12 +68,29 @@ def synchronize(device: torch.device) -> None:
 
 def prepare_model(model, device, dtype=None):
     """Move a model for inference. Derived tables (rotary frequencies, ALiBi slopes) are
-    recomputed afterwards so they stay float32 whatever the weights' dtype."""
+    recomputed afterwards so they stay float32 whatever the weights' dtype. On CPU, linear
+    weights are stored input-major (see `gemv_layout`)."""
     model = model.to(device=device, dtype=dtype).eval()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+    if torch.device(device).type == "cpu":
+        gemv_layout(model)
     return model
+
+
+def gemv_layout(model) -> None:
+    """Store every nn.Linear weight (out, in) as the transpose of a contiguous (in, out)
+    matrix. Values, shapes and state-dict names are unchanged; `x @ W.T` then reaches BLAS
+    as a plain (non-transposed) product, which on the x86 CPUs we measured streams the weights
+    markedly faster for one-row inputs, the memory-bound shape of decoding (see
+    benchmarks/RESULTS.md). Embeddings keep their layout (their rows are gathered)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if isinstance(module, nn.Linear) and w is not None and id(w) not in embeddings and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
 
 
 class _Sequence:
@@ -165,7 +183,7 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[GenerationResult]:
         results: list[Optional[GenerationResult]] = [None] * len(prompts)
-        for event in self.stream(prompts, params):
+        for event in self.stream(prompts, params, stream_text=False):
             if event.result is not None:
                 results[event.index] = event.result
         return results
@@ -193,9 +211,14 @@ class Engine:
 
     def cache_for(self, model, batch: int, max_len: int):
         """A reusable cache (and its decode step) for `batch` rows of `max_len` positions.
-        Compiled decoding always uses the full context, so each batch size has one graph."""
+        Compiled steps read the whole cache and are specialised to its length, so lengths are
+        bucketed: powers of two on GPU (few CUDA graphs), multiples of 64 on CPU (fewer bytes)."""
         if self.compile:
-            max_len = self.max_seq_len
+            if self.device.type == "cuda":
+                max_len = max(256, 1 << (max_len - 1).bit_length())
+            else:
+                max_len = -(-max_len // 64) * 64
+            max_len = min(max_len, self.max_seq_len)
         key = (id(model), batch, max_len)
         if key not in self._caches:
             if not self.compile:  # eager caches are cheap to remake: keep one per model
@@ -254,7 +277,11 @@ class Engine:
                 logits = step(tokens[:, None], pos)
                 if seen is not None:
                     seen.scatter_(1, tokens[:, None], True)
-                tokens = pick(logits_to_probs(logits, params, seen), params, gens)
+                    tokens = pick(logits_to_probs(logits, params, seen), params, gens)
+                elif params.greedy:
+                    tokens = logits.argmax(dim=-1)
+                else:
+                    tokens = pick(logits_to_probs(logits, params), params, gens)
                 pending.append(tokens)
             if len(pending) >= every or t == steps - 1:
                 host = torch.stack(pending, 1).tolist()
