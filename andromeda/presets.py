@@ -104,9 +104,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "minimal-sota-tiny": ("CPU-sized minimal-sota", _tiny(MINIMAL_SOTA)),
     "llama-tiny": ("CPU-sized llama", _tiny(LLAMA_1B)),
     "gpt2-tiny": ("CPU-sized gpt2", _tiny(GPT2)),
-    # nanoGPT's "baby GPT" for Tiny Shakespeare (6x384, ctx 256), char vocabulary 65.
+    # nanoGPT's "baby GPT" for Tiny Shakespeare (6x384, ctx 256), character vocabulary (65) plus end-of-text.
     "shakespeare-char": ("6x384 char-level model (nanoGPT baby GPT size) with RoPE/SwiGLU/RMSNorm", dict(
-        vocab_size=65, max_seq_len=256, dim=384, depth=6,
+        vocab_size=66, max_seq_len=256, dim=384, depth=6,  # 65 characters + end-of-text
         attention=dict(heads=6), position=dict(kind="rope"), norm=dict(kind="rms"),
         mlp=dict(kind="swiglu", dropout=0.2), embed_dropout=0.2, block=dict(residual_dropout=0.0))),
 }
