@@ -1,0 +1,311 @@
+"""Architecture comparison at matched active parameters: dense, MoE, Jamba, BitNet b1.58 and
+the anemone family, trained on the same characters with the same token budget and schedule.
+
+    python benchmarks/arch_compare.py --data ../shared/data/tinyshakespeare.txt --steps 600 \
+        --out runs/arch_compare [--models dense,moe] [--threads 1]
+
+Writes OUT/results.json, OUT/arch_compare.md (the table) and OUT/arch_compare.png (validation
+loss against tokens seen, and final loss against training speed). Each model trains through
+`andromeda train --config` in its own process (OUT/runs/NAME, log in OUT/runs/NAME.log), one at
+a time; a finished run with the same config is reused, so an interrupted comparison continues.
+
+Method (benchmarks/arch_compare.md has the results):
+- Data: the text is prepared at character level, first 90% train, last 10% validation.
+- Models: every one starts from its preset's `-tiny` config (andromeda/presets.py) resized to
+  one shape (`--dim`, `--depth`, context `--seq-len`, 4 query / 2 KV heads); the dense baseline
+  is that same decoder (RoPE, RMSNorm pre-norm, SwiGLU, GQA) without `extras`.
+- Matched active parameters: one knob per model, the FFN width `h` (dense MLP hidden `h`,
+  each MoE expert `h / top_k`, so a token's top-k experts have the dense FFN's width), is
+  searched in steps of 8 so that active parameters (`count_parameters`) come closest to the
+  dense model's. Mamba layers hold more weights than attention layers at this width, so
+  Jamba-style models get a narrower FFN.
+- The score is the loss per character over the whole validation split (consecutive windows
+  of `--seq-len`, eval mode), after the last step. The curves use the trainer's periodic
+  validation (the same `--eval-batches` windows at every pass).
+- Speed is the median of the trainer's logged tokens/s (training steps only).
+
+Offers `MODELS`, `model_dict`, `match_ffn_width`, `model_configs`, `param_summary`,
+`val_loss_full`, `read_metrics`, `markdown_table`, `plot`, `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from andromeda.model import ModelConfig, build_model, count_parameters
+from andromeda.presets import preset_dict
+
+# name -> (preset it starts from, what it adds over the dense baseline)
+MODELS: dict[str, tuple[str, str]] = {
+    "dense": ("moe-tiny", "Llama-style decoder (preset extras removed)"),
+    "moe": ("moe-tiny", "every FFN: 4 experts, top-2"),
+    "jamba": ("jamba-tiny", "Mamba-2 mixers, attention 1 in 4, MoE every other layer"),
+    "bitnet": ("bitnet-tiny", "dense with ternary attention + MLP (BitLinear b1.58)"),
+    "anemone-bf16": ("anemone-bf16-tiny", "jamba + MoD + MoA heads, full precision"),
+    "anemone": ("anemone-tiny", "anemone-bf16 with ternary MLP/experts and Mamba"),
+    "anemone-1.58": ("anemone-1.58-tiny", "anemone-bf16 with every projection ternary"),
+}
+
+TRAIN_DEFAULTS = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_frac": 0.05, "beta2": 0.99, "weight_decay": 0.1,
+                  "grad_clip": 1.0, "dtype": "fp32", "device": "cpu", "log_every": 10, "save_every": 0,
+                  "keep_last": 1, "tensorboard": False}
+
+
+def model_dict(name: str, ffn_width: int, vocab: int, seq_len: int, dim: int, depth: int) -> dict:
+    """The config of model `name` at the shared shape, FFN width `ffn_width`."""
+    preset, _ = MODELS[name]
+    d = preset_dict(preset)
+    d.update(vocab_size=vocab, max_seq_len=seq_len, dim=dim, depth=depth)
+    d["attention"].update(heads=4, kv_heads=2)  # bitnet-tiny is MHA; one attention shape for all
+    if name == "dense":
+        d["extras"] = {}
+    d["mlp"]["hidden_dim"] = ffn_width
+    moe = d.get("extras", {}).get("moe")
+    if moe is not None:
+        moe["hidden_dim"] = max(1, ffn_width // moe["top_k"])
+    return d
+
+
+def param_summary(d: dict) -> dict:
+    """Total and active parameters, and the inference weight size: bf16 for full-precision
+    weights, 2 bits per ternary weight plus one float32 scale per matrix (per expert)."""
+    from andromeda.quant.bitpack import ternary_bytes
+
+    model = build_model(ModelConfig.from_dict(copy.deepcopy(d)))  # real tensors: bitpack reads shapes
+    total, active = count_parameters(model)
+    ternary_bf16, ternary_packed = ternary_bytes(model)
+    return {"total": total, "active": active, "ternary": ternary_bf16 // 2,
+            "weight_bytes": 2 * total - ternary_bf16 + ternary_packed}
+
+
+def _active(d: dict) -> int:
+    return count_parameters(build_model(ModelConfig.from_dict(copy.deepcopy(d)), device="meta"))[1]
+
+
+def match_ffn_width(name: str, target: int, step: int = 8, **shape) -> int:
+    """The FFN width (multiple of `step`, at least 2 * step) whose active parameters come
+    closest to `target`. Active parameters grow with the width, so a bisection finds it."""
+    lo, hi = 2, 2
+    while _active(model_dict(name, hi * step, **shape)) < target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _active(model_dict(name, mid * step, **shape)) < target else (lo, mid)
+    return step * min((lo, hi), key=lambda w: abs(_active(model_dict(name, w * step, **shape)) - target))
+
+
+def model_configs(names: list[str], vocab: int, seq_len: int, dim: int, depth: int) -> dict[str, dict]:
+    """name -> model dict, every model's active parameters matched to the dense one's (SwiGLU
+    width 8/3 * dim rounded up to 16, the `-tiny` presets' rule)."""
+    shape = {"vocab": vocab, "seq_len": seq_len, "dim": dim, "depth": depth}
+    dense_width = 16 * math.ceil(int(8 * dim / 3) / 16)
+    target = _active(model_dict("dense", dense_width, **shape))
+    return {name: model_dict(name, dense_width if name in ("dense", "bitnet")
+                             else match_ffn_width(name, target, **shape), **shape) for name in names}
+
+
+@torch.no_grad()
+def val_loss_full(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_size: int = 32) -> tuple[float, int]:
+    """(mean loss per target, number of targets) over the whole validation split, in
+    consecutive windows: every token but the first is predicted exactly once."""
+    import torch.nn.functional as F
+
+    from andromeda.data.loader import iter_eval_windows
+
+    model.eval()
+    total, count = 0.0, 0
+    for x, y, _ in iter_eval_windows(str(data_dir), "val", seq_len, batch_size):
+        logits = model(x)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        count += y.numel()
+    return total / count, count
+
+
+def read_metrics(run_dir: Path, tokens_per_step: int) -> dict:
+    """Curves and speed from RUN_DIR/metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]  # first has startup
+    return {"train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
+            "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in val],
+            "tokens_per_s": statistics.median(speeds) if speeds else None,
+            "train_seconds": rows[-1]["elapsed_s"] if rows else None}
+
+
+def train_one(name: str, model: dict, train: dict, data_dir: Path, out: Path, steps: int, seed: int,
+              threads: int) -> dict:
+    """Train model `name` with `andromeda train` in a child process; returns its result."""
+    run_dir, log = out / "runs" / name, out / "runs" / f"{name}.log"
+    record_path = run_dir / "result.json"
+    settings = {"model": model, "train": train, "steps": steps, "seed": seed}
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("settings") == settings:
+            print(f"[{name}] reusing the finished run in {run_dir}", flush=True)
+            return record
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output, left by another setting
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = out / "configs" / f"{name}.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"model": model, "train": train}, indent=2))
+    cmd = [sys.executable, "-m", "andromeda", "train", "--config", str(config), "--data", str(data_dir),
+           "--out", str(run_dir), "--max-steps", str(steps), "--seed", str(seed), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+    record = {"name": name, "settings": settings, "wall_s": time.perf_counter() - started,
+              "command": " ".join(cmd), **param_summary(model)}
+    if proc.returncode != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        record["error"] = f"exit {proc.returncode}: {lines[-1] if lines else 'no output'} (log: {log})"
+        print(f"[{name}] FAILED {record['error']}", flush=True)
+        return record  # not saved as finished: the next invocation retries it
+    record.update(read_metrics(run_dir, train["batch_size"] * train["seq_len"]))
+    from andromeda.checkpoint import load_checkpoint
+    final = run_dir / "checkpoints" / f"step_{steps:07d}"
+    trained, _, _ = load_checkpoint(final)
+    record["val_loss"], record["val_targets"] = val_loss_full(trained, data_dir, train["seq_len"])
+    curve = record["val_curve"]
+    if not math.isfinite(record["val_loss"]) or (len(curve) > 1 and curve[-1][1] >= curve[0][1]):
+        record["error"] = "validation loss did not fall"
+    record_path.write_text(json.dumps(record, indent=2))
+    print(f"[{name}] val loss {record['val_loss']:.4f}, {record['tokens_per_s']:.0f} tokens/s", flush=True)
+    return record
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The results table; deltas are against the dense model when it is present."""
+    base = next((r for r in results if r["name"] == "dense" and "val_loss" in r), None)
+    lines = [("| model | adds over dense | total params | active params | ternary params | weights (bf16 + 2-bit) "
+              "| val loss (nats/char) | vs dense | train tokens/s | vs dense |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        what = MODELS.get(r["name"], ("", ""))[1]
+        params = f"| {r['total']:,} | {r['active']:,} | {r['ternary']:,} | {r['weight_bytes'] / 1024:,.0f} KiB "
+        if "val_loss" not in r:
+            lines.append(f"| {r['name']} | {what} {params}| failed: {r.get('error', '?')} | | | |")
+            continue
+        dl = f"{r['val_loss'] - base['val_loss']:+.3f}" if base else ""
+        ds = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        flag = f" ({r['error']})" if r.get("error") else ""
+        lines.append(f"| {r['name']} | {what} {params}| {r['val_loss']:.4f}{flag} | {dl} "
+                     f"| {r['tokens_per_s']:,.0f} | {ds} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Left: periodic validation loss against tokens seen. Right: final full-split validation
+    loss against training tokens/s."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if "val_loss" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in done:
+        tokens, loss = zip(*r["val_curve"])
+        left.plot([t / 1e6 for t in tokens], loss, marker=".", label=r["name"])
+    left.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/char)",
+             title="validation loss during training")
+    lows = [min(v for _, v in r["val_curve"]) for r in done]
+    if lows:
+        left.set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the interesting part, not the first drop
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for r in done:
+        right.scatter(r["tokens_per_s"], r["val_loss"])
+        right.annotate(r["name"], (r["tokens_per_s"], r["val_loss"]), fontsize=8, xytext=(4, 3),
+                       textcoords="offset points")
+    right.set(xlabel="training tokens/s (1 CPU thread, shared machine)", ylabel="final val loss, whole split",
+              title="final loss vs speed (lower right is better)")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def prepare_data(text: Path, out: Path) -> Path:
+    """Character-level shards of `text` (first 90% train, last 10% val), reused if present."""
+    from andromeda.data.prepare import prepare
+    from andromeda.errors import UserError
+
+    data_dir = out / "data"
+    if (data_dir / "meta.json").exists():
+        return data_dir
+    if not text.is_file():
+        raise UserError(f"text file not found: {text}")
+    prepare([str(text)], data_dir, "char", val_fraction=0.1, progress=False)
+    return data_dir
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="text file (prepared at character level)")
+    p.add_argument("--out", type=Path, default=Path("runs/arch_compare"))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    args = p.parse_args(argv)
+    from andromeda.errors import UserError
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown model {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
+    if args.depth < 4:
+        raise SystemExit("error: --depth must be >= 4 so that the Jamba layout has attention, Mamba, MoE and MoD")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir = prepare_data(args.data, args.out)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    from andromeda.data.prepare import open_prepared
+    vocab = open_prepared(data_dir).tokenizer.vocab_size
+    configs = model_configs(names, vocab, args.seq_len, args.dim, args.depth)
+    train = dict(TRAIN_DEFAULTS, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                 eval_every=args.eval_every, eval_batches=args.eval_batches)
+    results = [train_one(n, configs[n], train, data_dir, args.out, args.steps, args.seed, args.threads) for n in names]
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "steps": args.steps,
+               "tokens": args.steps * args.batch_size * args.seq_len, "train": train,
+               "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+               "results": results}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "arch_compare.md").write_text(markdown_table(results))
+    plot(results, args.out / "arch_compare.png")
+    print(markdown_table(results))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'arch_compare.md'}, {args.out / 'arch_compare.png'}")
+    return 1 if any("val_loss" not in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Smoke tests of benchmarks/arch_compare.py: parameter matching, whole-split validation loss,
+metrics reading, table and plot. No training here (the benchmark itself does that)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda.data.prepare import open_prepared, prepare
+from andromeda.model import ModelConfig, Transformer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "arch_compare.py"
+
+
+@pytest.fixture(scope="module")
+def ac():
+    spec = importlib.util.spec_from_file_location("arch_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dense_active_by_hand(vocab: int, dim: int, depth: int, heads: int, kv_heads: int, hidden: int) -> int:
+    """Untied embedding and head, final RMSNorm; per layer two RMSNorm gains, fused qkv, output
+    projection and a SwiGLU (gate, up, down) without biases."""
+    head_dim = dim // heads
+    attn = dim * (heads + 2 * kv_heads) * head_dim + heads * head_dim * dim
+    return 2 * vocab * dim + dim + depth * (2 * dim + attn + 3 * dim * hidden)
+
+
+def test_active_parameters_matched(ac):
+    torch.manual_seed(0)
+    configs = ac.model_configs(list(ac.MODELS), vocab=40, seq_len=32, dim=64, depth=4)
+    summaries = {name: ac.param_summary(d) for name, d in configs.items()}
+    dense = summaries["dense"]
+    assert dense["total"] == dense["active"] == dense_active_by_hand(40, 64, 4, 4, 2, 176)
+    assert summaries["bitnet"]["total"] == dense["total"]  # BitLinear adds no parameters
+    for name, s in summaries.items():
+        assert abs(s["active"] - dense["active"]) <= 0.02 * dense["active"], name
+    for name in ("moe", "jamba", "anemone-bf16"):
+        assert summaries[name]["total"] > summaries[name]["active"]  # inactive experts
+    # Ternary storage: 2 bits a weight instead of 16, so the bitnet model's weights shrink by
+    # roughly the ternary share times 7/8.
+    b = summaries["bitnet"]
+    assert b["weight_bytes"] < 2 * b["total"] - 2 * b["ternary"] + b["ternary"] / 4 + 4096
+    assert configs["anemone-1.58"]["extras"]["linear"]["attention"] == "bitnet"
+    assert configs["moe"]["extras"]["moe"]["hidden_dim"] * 2 == configs["moe"]["mlp"]["hidden_dim"]
+
+
+def test_val_loss_full_scores_every_token_once(ac, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(97 + (i * 7) % 13) for i in range(1500)))
+    prepare([str(text)], tmp_path / "data", "char", val_fraction=0.1, progress=False)
+    data = open_prepared(tmp_path / "data")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=data.tokenizer.vocab_size, max_seq_len=16, dim=32, depth=1,
+                                    attention={"heads": 2})).eval()
+    loss, count = ac.val_loss_full(model, tmp_path / "data", seq_len=16, batch_size=4)
+    # Reference: the raw validation shard, cut by hand into consecutive windows.
+    shard = data.meta["splits"]["val"]["shards"][0]
+    tokens = torch.from_numpy(np.fromfile(tmp_path / "data" / shard["file"], dtype=data.meta["dtype"]).astype(np.int64))
+    assert count == len(tokens) - 1
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 16):
+            window = tokens[start:start + 17]
+            logits = model(window[None, :-1])
+            total += float(F.cross_entropy(logits[0], window[1:], reduction="sum"))
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_read_metrics(ac, tmp_path):
+    rows = [{"step": 10, "loss": 3.0, "tokens_per_s": 50.0, "elapsed_s": 1.0},  # startup interval
+            {"step": 20, "loss": 2.5, "tokens_per_s": 100.0, "elapsed_s": 2.0},
+            {"step": 20, "val_loss": 2.6, "elapsed_s": 2.5},
+            {"step": 30, "loss": 2.0, "tokens_per_s": 120.0, "elapsed_s": 3.0},
+            {"step": 30, "val_loss": 2.1, "elapsed_s": 3.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = ac.read_metrics(tmp_path, tokens_per_step=64)
+    assert m["val_curve"] == [[1280, 2.6], [1920, 2.1]]
+    assert m["tokens_per_s"] == 110.0 and m["train_seconds"] == 3.5
+
+
+def test_table_and_plot(ac, tmp_path):
+    def result(name, loss, speed):
+        return {"name": name, "total": 1000, "active": 900, "ternary": 0, "weight_bytes": 2000,
+                "val_loss": loss, "tokens_per_s": speed, "val_curve": [[100, loss + 1], [200, loss]]}
+    results = [result("dense", 2.0, 1000.0), result("moe", 1.9, 800.0),
+               {"name": "jamba", "total": 1, "active": 1, "ternary": 0, "weight_bytes": 2, "error": "exit 2: boom"}]
+    table = ac.markdown_table(results)
+    assert "| moe |" in table and "| -0.100 |" in table and "| 0.80x |" in table
+    assert "failed: exit 2: boom" in table
+    png = tmp_path / "p.png"
+    ac.plot(results, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
