@@ -88,7 +88,8 @@ def time_andromeda(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS threads for both libraries (on a shared 2-core machine, 2 threads collapse under load)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
