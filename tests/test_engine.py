@@ -210,6 +210,10 @@ def test_compiled_decoding_matches_eager(preset):
     compiled = Engine(model, ByteTokenizer(), compile=True)
     assert [r.token_ids for r in compiled.generate(prompts[:2], GREEDY)] == [r.token_ids for r in eager[:2]]
     assert [r.token_ids for r in compiled.generate(prompts, GREEDY)] == [r.token_ids for r in eager]
+    # One cache serving equal lengths (int positions) and then different lengths (tensor positions).
+    assert [r.token_ids for r in compiled.generate(prompts[1:], GREEDY)] == [r.token_ids for r in eager[1:]]
+    mixed = Engine(model, ByteTokenizer()).generate(["size", "and"], GREEDY)
+    assert [r.token_ids for r in compiled.generate(["size", "and"], GREEDY)] == [r.token_ids for r in mixed]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

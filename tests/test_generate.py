@@ -179,3 +179,18 @@ def test_chat_history_template_and_context_fitting():
     prompt = small._fit("four")
     assert "be brief" in prompt and "one" not in prompt and "four" in prompt
     assert len(prompt.encode()) <= 96 - 3
+
+
+def test_generate_with_a_draft_reports_acceptance(ckpt, tmp_path, capsys):
+    base = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+            "--json"]
+    _, plain, _ = run_cli(capsys, *base)
+    code, out, err = run_cli(capsys, *base, "--draft", str(ckpt), "--draft-tokens", "3")
+    assert code == 0, err
+    spec = json.loads(out)
+    assert spec["text"] == json.loads(plain)["text"] and spec["acceptance_rate"] == 1.0
+    other = tmp_path / "other"
+    cfg = ModelConfig(vocab_size=300, max_seq_len=64, dim=32, depth=1, attention=dict(heads=4))
+    save_checkpoint(other, Transformer(cfg), None)
+    code, _, err = run_cli(capsys, *base, "--draft", str(other))
+    assert code == 2 and "tokenizer" in err

@@ -51,7 +51,7 @@ class DecodeStep:
     def __init__(self, model, cache: ModelCache, compile: bool = False):
         self.model, self.cache, self.compiled = model, cache, compile
         self.fn = decode_one_token
-        self.warm = False
+        self.seen: set = set()  # kinds of positions this step has been compiled for
         if compile:
             for buf in cache.buffers():
                 torch._dynamo.mark_static_address(buf)
@@ -65,10 +65,12 @@ class DecodeStep:
             return self.fn(self.model, self.cache, tokens, pos)
         if isinstance(pos, int) and not self.int_positions:
             pos = torch.full((tokens.shape[0],), pos, dtype=torch.long, device=tokens.device)
-        # Symbolic ints are specialised for 0 and 1; only larger positions share the graph.
-        if not self.warm or (isinstance(pos, int) and pos < 2):
-            out = self.fn(self.model, self.cache, tokens, pos)  # compiles, checks every guard
-            self.warm = True
+        # The first call of each kind of position compiles and checks every guard; symbolic
+        # ints are specialised for 0 and 1, so only larger positions share the int graph.
+        kind = "int" if isinstance(pos, int) else pos.dim()
+        if kind not in self.seen or (kind == "int" and pos < 2):
+            out = self.fn(self.model, self.cache, tokens, pos)
+            self.seen.add(kind)
         else:
             # Same model, same cache, same shapes at every step: re-checking the hundreds of
             # guards on their attributes costs more than a small model's whole step on CPU.
