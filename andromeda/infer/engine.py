@@ -9,9 +9,9 @@ HTTP server.
 - `GenerationResult`: text, token ids, counts, finish reason ('eos', 'stop', 'length'),
   prefill time and decode speed (and the draft acceptance rate with speculative decoding).
 
-How a batch runs: each prompt is prefilled alone (in chunks) into its own row of one static
-KV cache, so its numbers do not depend on its neighbours; then all rows decode together, each
-at its own position (a (B,) `start_pos`), with the causal rule masking the cache slots a row
+How a batch runs: each prompt is prefilled alone (in chunks; prompts of equal length
+together) into its own row of one static KV cache, so its numbers do not depend on its
+neighbours; then all rows decode together, each at its own position (a (B,) `start_pos`), with the causal rule masking the cache slots a row
 has not reached. Rows stop independently (EOS, stop string, token budget); finished rows
 idle until the whole batch is done. Host and device synchronise only when text is needed
 (streaming, stop strings) or, without those, every `check_every` steps to look for EOS.
@@ -213,8 +213,9 @@ class Engine:
 
     def cache_for(self, model, batch: int, max_len: int):
         """A reusable cache (and its decode step) for `batch` rows of `max_len` positions.
-        Compiled steps read the whole cache and are specialised to its length, so lengths are
-        bucketed: powers of two on GPU (few CUDA graphs), multiples of 64 on CPU (fewer bytes)."""
+        Compiled steps are specialised to the cache's length, so lengths are bucketed: powers
+        of two on GPU (few CUDA graphs; each step reads the whole buffer there), multiples of
+        64 on CPU."""
         if self.compile:
             if self.device.type == "cuda":
                 max_len = max(256, 1 << (max_len - 1).bit_length())
