@@ -73,3 +73,10 @@ def test_stored_dtype_is_kept(tmp_path):
     assert loaded.rotary.inv_freq.dtype == torch.float32  # derived tables stay in float32
     as_fp32, _, _ = load_checkpoint(tmp_path / "ck", dtype=torch.float32)
     assert as_fp32.embed.weight.dtype == torch.float32
+
+
+def test_half_precision_model_keeps_float32_rotary_tables():
+    model = build_model(get_preset("llama-tiny"), dtype=torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    model = build_model(get_preset("andromeda-tiny")).to(torch.float16)
+    assert model.rotary.inv_freq.dtype == torch.float32 and model.rotary.xpos_zeta.dtype == torch.float32

@@ -94,6 +94,14 @@ class Rotary(nn.Module):
         self.register_buffer("xpos_zeta", None, persistent=False)
         self.reset_buffers()
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` would round the frequencies; keep them float32 (the tables
+        # are cast to the compute dtype after the angle is formed, as Llama does).
+        super()._apply(fn, recurse)
+        if self.inv_freq is not None and not self.inv_freq.is_meta and self.inv_freq.dtype != torch.float32:
+            self.reset_buffers()
+        return self
+
     def reset_buffers(self) -> None:
         """(Re)compute the derived tables, e.g. after loading onto a meta-built model."""
         device = self.inv_freq.device if self.inv_freq is not None and not self.inv_freq.is_meta else None
