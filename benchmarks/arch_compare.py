@@ -48,15 +48,21 @@ import torch
 from andromeda.model import ModelConfig, build_model, count_parameters
 from andromeda.presets import preset_dict
 
-# name -> (preset it starts from, what it adds over the dense baseline)
-MODELS: dict[str, tuple[str, str]] = {
-    "dense": ("moe-tiny", "Llama-style decoder (preset extras removed)"),
-    "moe": ("moe-tiny", "every FFN: 4 experts, top-2"),
-    "jamba": ("jamba-tiny", "Mamba-2 mixers, attention 1 in 4, MoE every other layer"),
-    "bitnet": ("bitnet-tiny", "dense with ternary attention + MLP (BitLinear b1.58)"),
-    "anemone-bf16": ("anemone-bf16-tiny", "jamba + MoD + MoA heads, full precision"),
-    "anemone": ("anemone-tiny", "anemone-bf16 with ternary MLP/experts and Mamba"),
-    "anemone-1.58": ("anemone-1.58-tiny", "anemone-bf16 with every projection ternary"),
+# name -> (preset it starts from, what it adds over the dense baseline, changes to the preset's
+# extras: families removed, layout keys replaced). The two jamba-* rows and anemone-bf16-mod1
+# are ablations that split anemone-bf16's additions over jamba apart.
+MODELS: dict[str, tuple[str, str, dict]] = {
+    "dense": ("moe-tiny", "Llama-style decoder (preset extras removed)", {"drop": ("moe",)}),
+    "moe": ("moe-tiny", "every FFN: 4 experts, top-2", {}),
+    "jamba": ("jamba-tiny", "Mamba-2 mixers, attention 1 in 4, MoE every other layer", {}),
+    "jamba-moa": ("anemone-bf16-tiny", "jamba, attention as MoA heads (4 experts, top-2)", {"drop": ("mod",)}),
+    "jamba-mod": ("anemone-bf16-tiny", "jamba + MoD (capacity 0.25) on blocks 0, 2", {"drop": ("moa",)}),
+    "anemone-bf16": ("anemone-bf16-tiny", "jamba + MoD on blocks 0, 2 + MoA heads", {}),
+    "anemone-bf16-mod1": ("anemone-bf16-tiny", "anemone-bf16 with MoD on blocks 1, 3 (off attention)",
+                          {"layout": {"mod_offset": 1}}),
+    "bitnet": ("bitnet-tiny", "dense with ternary attention + MLP (BitLinear b1.58)", {}),
+    "anemone": ("anemone-tiny", "anemone-bf16, ternary MLP/experts and Mamba", {}),
+    "anemone-1.58": ("anemone-1.58-tiny", "anemone-bf16, every projection ternary", {}),
 }
 
 TRAIN_DEFAULTS = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_frac": 0.05, "beta2": 0.99, "weight_decay": 0.1,
@@ -66,12 +72,13 @@ TRAIN_DEFAULTS = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_frac": 0.05, "beta2":
 
 def model_dict(name: str, ffn_width: int, vocab: int, seq_len: int, dim: int, depth: int) -> dict:
     """The config of model `name` at the shared shape, FFN width `ffn_width`."""
-    preset, _ = MODELS[name]
+    preset, _, changes = MODELS[name]
     d = preset_dict(preset)
     d.update(vocab_size=vocab, max_seq_len=seq_len, dim=dim, depth=depth)
     d["attention"].update(heads=4, kv_heads=2)  # bitnet-tiny is MHA; one attention shape for all
-    if name == "dense":
-        d["extras"] = {}
+    for family in changes.get("drop", ()):
+        del d["extras"][family]
+    d["extras"].get("layout", {}).update(changes.get("layout", {}))
     d["mlp"]["hidden_dim"] = ffn_width
     moe = d.get("extras", {}).get("moe")
     if moe is not None:
@@ -118,20 +125,44 @@ def model_configs(names: list[str], vocab: int, seq_len: int, dim: int, depth: i
 
 
 @torch.no_grad()
-def val_loss_full(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_size: int = 32) -> tuple[float, int]:
+def val_loss_full(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_size: int = 32,
+                  stats: dict | None = None, train_mode: bool = False) -> tuple[float, int]:
     """(mean loss per target, number of targets) over the whole validation split, in
-    consecutive windows: every token but the first is predicted exactly once."""
+    consecutive windows: every token but the first is predicted exactly once. Eval mode
+    unless `train_mode` (which only Mixture-of-Depths changes: top-k routing over each
+    window, not causal). `stats`, when given, receives the target-weighted mean of each
+    scalar the model leaves in `last_context.stats` (e.g. MoD's routed fraction per layer)."""
     import torch.nn.functional as F
 
     from andromeda.data.loader import iter_eval_windows
 
-    model.eval()
-    total, count = 0.0, 0
+    model.train(train_mode)
+    total, count, sums = 0.0, 0, {}
     for x, y, _ in iter_eval_windows(str(data_dir), "val", seq_len, batch_size):
         logits = model(x)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
         count += y.numel()
+        context = getattr(model, "last_context", None)
+        for key, value in (context.stats.items() if context is not None else ()):
+            if value.numel() == 1:
+                sums[key] = sums.get(key, 0.0) + float(value) * y.numel()
+    model.eval()
+    if stats is not None:
+        stats.update({key: value / count for key, value in sums.items()})
     return total / count, count
+
+
+def mod_diagnostics(model: torch.nn.Module, data_dir: Path, seq_len: int) -> dict:
+    """For Mixture-of-Depths models: the validation loss with training's top-k routing (not
+    causal, so not a valid score: it shows what the causal predictor used at inference costs),
+    the share of tokens the predictor routes through each MoD block at inference, and the
+    predictor's agreement with top-k."""
+    routed, agree = {}, {}
+    topk_loss, _ = val_loss_full(model, data_dir, seq_len, stats=agree, train_mode=True)
+    val_loss_full(model, data_dir, seq_len, stats=routed)
+    return {"val_loss_topk": topk_loss,
+            "mod_routed_eval": {k.split("/")[-1]: v for k, v in routed.items() if k.startswith("mod_fraction")},
+            "mod_predictor_acc": {k.split("/")[-1]: v for k, v in agree.items() if k.startswith("mod_predictor")}}
 
 
 def read_metrics(run_dir: Path, tokens_per_step: int) -> dict:
@@ -156,6 +187,9 @@ def train_one(name: str, model: dict, train: dict, data_dir: Path, out: Path, st
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings:
             print(f"[{name}] reusing the finished run in {run_dir}", flush=True)
+            if "mod" in model.get("extras", {}) and "val_loss_topk" not in record:  # older result file
+                record.update(_mod_record(run_dir, steps, data_dir, train["seq_len"]))
+                record_path.write_text(json.dumps(record, indent=2))
             return record
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output, left by another setting
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -181,12 +215,37 @@ def train_one(name: str, model: dict, train: dict, data_dir: Path, out: Path, st
     final = run_dir / "checkpoints" / f"step_{steps:07d}"
     trained, _, _ = load_checkpoint(final)
     record["val_loss"], record["val_targets"] = val_loss_full(trained, data_dir, train["seq_len"])
+    if "mod" in model.get("extras", {}):
+        record.update(_mod_record(run_dir, steps, data_dir, train["seq_len"]))
     curve = record["val_curve"]
     if not math.isfinite(record["val_loss"]) or (len(curve) > 1 and curve[-1][1] >= curve[0][1]):
         record["error"] = "validation loss did not fall"
     record_path.write_text(json.dumps(record, indent=2))
     print(f"[{name}] val loss {record['val_loss']:.4f}, {record['tokens_per_s']:.0f} tokens/s", flush=True)
     return record
+
+
+def _mod_record(run_dir: Path, steps: int, data_dir: Path, seq_len: int) -> dict:
+    from andromeda.checkpoint import load_checkpoint
+    trained, _, _ = load_checkpoint(run_dir / "checkpoints" / f"step_{steps:07d}")
+    return mod_diagnostics(trained, data_dir, seq_len)
+
+
+def mod_table(results: list[dict]) -> str:
+    """Mixture-of-Depths models: causal (inference) routing against training's top-k."""
+    rows = [r for r in results if "val_loss_topk" in r]
+    if not rows:
+        return ""
+    layers = sorted({k for r in rows for k in r["mod_routed_eval"]})
+    head = " | ".join(f"routed at inference, {k}" for k in layers)
+    acc = " | ".join(f"predictor agrees with top-k, {k}" for k in layers)
+    lines = [f"| model | val loss (causal predictor) | val loss (top-k, not causal) | {head} | {acc} |",
+             "| --- | ---: | ---: |" + " ---: |" * (2 * len(layers))]
+    for r in rows:
+        routed = " | ".join(f"{r['mod_routed_eval'].get(k, float('nan')):.1%}" for k in layers)
+        agree = " | ".join(f"{r['mod_predictor_acc'].get(k, float('nan')):.1%}" for k in layers)
+        lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['val_loss_topk']:.4f} | {routed} | {agree} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -196,7 +255,7 @@ def markdown_table(results: list[dict]) -> str:
               "| val loss (nats/char) | vs dense | train tokens/s | vs dense |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        what = MODELS.get(r["name"], ("", ""))[1]
+        what = MODELS[r["name"]][1] if r["name"] in MODELS else ""
         params = f"| {r['total']:,} | {r['active']:,} | {r['ternary']:,} | {r['weight_bytes'] / 1024:,.0f} KiB "
         if "val_loss" not in r:
             lines.append(f"| {r['name']} | {what} {params}| failed: {r.get('error', '?')} | | | |")
@@ -220,7 +279,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in done:
         tokens, loss = zip(*r["val_curve"])
-        left.plot([t / 1e6 for t in tokens], loss, marker=".", label=r["name"])
+        style = "--" if r["ternary"] else "-"  # dashed: BitLinear models
+        left.plot([t / 1e6 for t in tokens], loss, style, marker=".", label=r["name"])
     left.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/char)",
              title="validation loss during training")
     lows = [min(v for _, v in r["val_curve"]) for r in done]
@@ -255,7 +315,13 @@ def prepare_data(text: Path, out: Path) -> Path:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
@@ -300,9 +366,10 @@ def main(argv=None) -> int:
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "results": results}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "arch_compare.md").write_text(markdown_table(results))
+    tables = markdown_table(results) + "\n" + mod_table(results)
+    (args.out / "arch_compare.md").write_text(tables)
     plot(results, args.out / "arch_compare.png")
-    print(markdown_table(results))
+    print(tables)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'arch_compare.md'}, {args.out / 'arch_compare.png'}")
     return 1 if any("val_loss" not in r for r in results) else 0
 

@@ -3,6 +3,7 @@ metrics reading, table and plot. No training here (the benchmark itself does tha
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,20 @@ def test_table_and_plot(ac, tmp_path):
     png = tmp_path / "p.png"
     ac.plot(results, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+
+
+def test_mod_diagnostics(ac, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(97 + (i * 5) % 11) for i in range(1200)))
+    prepare([str(text)], tmp_path / "data", "char", val_fraction=0.1, progress=False)
+    vocab = open_prepared(tmp_path / "data").tokenizer.vocab_size
+    torch.manual_seed(0)
+    dense = Transformer(ModelConfig.from_dict(ac.model_dict("dense", 32, vocab=vocab, seq_len=16, dim=32, depth=4)))
+    # Only Mixture-of-Depths behaves differently in train mode (no dropout in these configs).
+    assert ac.val_loss_full(dense, tmp_path / "data", 16, train_mode=True) == pytest.approx(
+        ac.val_loss_full(dense, tmp_path / "data", 16))
+    mod = Transformer(ModelConfig.from_dict(ac.model_dict("jamba-mod", 32, vocab=vocab, seq_len=16, dim=32, depth=4)))
+    diag = ac.mod_diagnostics(mod, tmp_path / "data", 16)
+    assert set(diag["mod_routed_eval"]) == set(diag["mod_predictor_acc"]) == {"layer0", "layer2"}
+    assert all(0.0 <= v <= 1.0 for v in [*diag["mod_routed_eval"].values(), *diag["mod_predictor_acc"].values()])
+    assert math.isfinite(diag["val_loss_topk"]) and not mod.training
