@@ -231,6 +231,10 @@ def _mod_record(run_dir: Path, steps: int, data_dir: Path, seq_len: int) -> dict
     return mod_diagnostics(trained, data_dir, seq_len)
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"  # "-": that layer has no MoD in this model
+
+
 def mod_table(results: list[dict]) -> str:
     """Mixture-of-Depths models: causal (inference) routing against training's top-k."""
     rows = [r for r in results if "val_loss_topk" in r]
@@ -242,8 +246,8 @@ def mod_table(results: list[dict]) -> str:
     lines = [f"| model | val loss (causal predictor) | val loss (top-k, not causal) | {head} | {acc} |",
              "| --- | ---: | ---: |" + " ---: |" * (2 * len(layers))]
     for r in rows:
-        routed = " | ".join(f"{r['mod_routed_eval'].get(k, float('nan')):.1%}" for k in layers)
-        agree = " | ".join(f"{r['mod_predictor_acc'].get(k, float('nan')):.1%}" for k in layers)
+        routed = " | ".join(_percent(r["mod_routed_eval"].get(k)) for k in layers)
+        agree = " | ".join(_percent(r["mod_predictor_acc"].get(k)) for k in layers)
         lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['val_loss_topk']:.4f} | {routed} | {agree} |")
     return "\n".join(lines) + "\n"
 
@@ -269,32 +273,39 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Left: periodic validation loss against tokens seen. Right: final full-split validation
-    loss against training tokens/s."""
+    """Left: periodic validation loss against tokens seen. Right: final whole-split validation
+    loss per model (bars, best first) with its training tokens/s."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = [r for r in results if "val_loss" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    color = {r["name"]: plt.cm.tab10(i % 10) for i, r in enumerate(done)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.15, 1]})
     for r in done:
         tokens, loss = zip(*r["val_curve"])
         style = "--" if r["ternary"] else "-"  # dashed: BitLinear models
-        left.plot([t / 1e6 for t in tokens], loss, style, marker=".", label=r["name"])
+        left.plot([t / 1e6 for t in tokens], loss, style, marker=".", color=color[r["name"]], label=r["name"])
     left.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/char)",
-             title="validation loss during training")
+             title="validation loss during training (fixed val sample)")
     lows = [min(v for _, v in r["val_curve"]) for r in done]
     if lows:
         left.set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the interesting part, not the first drop
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    for r in done:
-        right.scatter(r["tokens_per_s"], r["val_loss"])
-        right.annotate(r["name"], (r["tokens_per_s"], r["val_loss"]), fontsize=8, xytext=(4, 3),
-                       textcoords="offset points")
-    right.set(xlabel="training tokens/s (1 CPU thread, shared machine)", ylabel="final val loss, whole split",
-              title="final loss vs speed (lower right is better)")
-    right.grid(alpha=0.3)
+    ranked = sorted(done, key=lambda r: r["val_loss"], reverse=True)  # best at the top
+    y = range(len(ranked))
+    right.barh(y, [r["val_loss"] for r in ranked], color=[color[r["name"]] for r in ranked])
+    right.set_yticks(list(y), [r["name"] for r in ranked], fontsize=8)
+    for i, r in enumerate(ranked):
+        right.text(r["val_loss"], i, f" {r['val_loss']:.3f}  ({r['tokens_per_s'] / 1e3:.1f}k tok/s)",
+                   va="center", fontsize=8)
+    if ranked:
+        losses = [r["val_loss"] for r in ranked]
+        right.set_xlim(min(losses) - 0.1, max(losses) + 0.25 * (max(losses) - min(losses) + 0.2))
+    right.set(xlabel="final validation loss, whole split (nats/char)",
+              title="final loss (training tokens/s on 1 CPU thread)")
+    right.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
