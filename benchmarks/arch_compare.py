@@ -5,7 +5,7 @@ the anemone family, trained on the same characters with the same token budget an
         --out runs/arch_compare [--models dense,moe] [--threads 1]
 
 Writes OUT/results.json, OUT/arch_compare.md (the table) and OUT/arch_compare.png (validation
-loss against tokens seen, and final loss against training speed). Each model trains through
+loss against tokens seen, and the final loss of each model with its training speed). Each model trains through
 `andromeda train --config` in its own process (OUT/runs/NAME, log in OUT/runs/NAME.log), one at
 a time; a finished run with the same config is reused, so an interrupted comparison continues.
 
@@ -22,10 +22,14 @@ Method (benchmarks/arch_compare.md has the results):
 - The score is the loss per character over the whole validation split (consecutive windows
   of `--seq-len`, eval mode), after the last step. The curves use the trainer's periodic
   validation (the same `--eval-batches` windows at every pass).
-- Speed is the median of the trainer's logged tokens/s (training steps only).
+- Speed is the median of the trainer's logged tokens/s (the few logged intervals that hold a
+  validation pass are slower; the median leaves them out).
+- Mixture-of-Depths models are also scored with training's top-k routing (not causal, so not a
+  valid score) next to the causal predictor used at inference, with the share of tokens the
+  predictor routes per block: the gap is what the switch to the predictor costs.
 
 Offers `MODELS`, `model_dict`, `match_ffn_width`, `model_configs`, `param_summary`,
-`val_loss_full`, `read_metrics`, `markdown_table`, `plot`, `main`.
+`val_loss_full`, `mod_diagnostics`, `read_metrics`, `markdown_table`, `mod_table`, `plot`, `main`.
 """
 
 from __future__ import annotations
@@ -241,8 +245,8 @@ def mod_table(results: list[dict]) -> str:
     if not rows:
         return ""
     layers = sorted({k for r in rows for k in r["mod_routed_eval"]})
-    head = " | ".join(f"routed at inference, {k}" for k in layers)
-    acc = " | ".join(f"predictor agrees with top-k, {k}" for k in layers)
+    head = " | ".join(f"routed at inference, block {k.removeprefix('layer')}" for k in layers)
+    acc = " | ".join(f"predictor agrees with top-k, block {k.removeprefix('layer')}" for k in layers)
     lines = [f"| model | val loss (causal predictor) | val loss (top-k, not causal) | {head} | {acc} |",
              "| --- | ---: | ---: |" + " ---: |" * (2 * len(layers))]
     for r in rows:
@@ -358,6 +362,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise SystemExit(f"error: unknown model {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
+    if min(args.steps, args.batch_size, args.seq_len, args.dim, args.eval_batches, args.threads) < 1:
+        raise SystemExit("error: --steps, --batch-size, --seq-len, --dim, --eval-batches and --threads must be >= 1")
     if args.depth < 4:
         raise SystemExit("error: --depth must be >= 4 so that the Jamba layout has attention, Mamba, MoE and MoD")
     torch.set_num_threads(args.threads)
