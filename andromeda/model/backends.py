@@ -149,10 +149,22 @@ def _flex_fn():
     return _flex_compiled
 
 
+_create_block_mask = None
+
+
+def _compiled_create_block_mask():
+    """create_block_mask under torch.compile evaluates the mask blockwise instead of
+    materialising an L x L boolean tensor (10 GB at 32k tokens)."""
+    global _create_block_mask
+    if _create_block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+        _create_block_mask = torch.compile(create_block_mask)
+    return _create_block_mask
+
+
 def _block_mask(spec: AttnSpec, batch: int, lq: int, lk: int, device):
     """Block-sparse mask for causality/window/documents, built by compiled mask evaluation
     (memory O(L^2 / block^2), not O(L^2)). Cached when it depends only on shapes."""
-    from torch.nn.attention.flex_attention import create_block_mask
     q_pos, k_pos, window, doc = spec.q_pos, spec.k_pos, spec.window, spec.doc_ids
     per_sequence = q_pos.dim() == 2
 
@@ -169,8 +181,8 @@ def _block_mask(spec: AttnSpec, batch: int, lq: int, lk: int, device):
     key = (lq, lk, window, str(device))
     if cacheable and key in _block_masks:
         return _block_masks[key]
-    mask = create_block_mask(mask_mod, batch if doc is not None or per_sequence else None, None, lq, lk,
-                             device=device, _compile=True)
+    mask = _compiled_create_block_mask()(mask_mod, batch if doc is not None or per_sequence else None, None,
+                                         lq, lk, device=device)
     if cacheable:
         _block_masks[key] = mask
     return mask
