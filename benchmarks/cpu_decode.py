@@ -120,7 +120,8 @@ def main() -> None:
     our_tps = args.new_tokens / statistics.median(our_times)
     import transformers
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads", "torch": torch.__version__, "transformers": transformers.__version__,
+              f"{torch.get_num_threads()} threads", "torch": torch.__version__,
+              "transformers": transformers.__version__,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
               "max_logit_diff": diff, "greedy_tokens_agreeing": agree,
               "hf_tokens_per_s": round(hf_tps, 1), "andromeda_tokens_per_s": round(our_tps, 1),

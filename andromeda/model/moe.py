@@ -56,7 +56,8 @@ class MoEConfig:
         check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
               f"extras.moe.top_k={self.top_k!r} must be between 1 and num_experts ({self.num_experts})")
         check(self.hidden_dim is None or self.hidden_dim >= 1, "extras.moe.hidden_dim must be >= 1")
-        check(self.shared_hidden_dim is None or self.shared_hidden_dim >= 1, "extras.moe.shared_hidden_dim must be >= 1")
+        check(self.shared_hidden_dim is None or self.shared_hidden_dim >= 1,
+              "extras.moe.shared_hidden_dim must be >= 1")
         check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "extras.moe loss weights must be >= 0")
         check(self.capacity_factor is None or self.capacity_factor > 0,
               f"extras.moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
