@@ -13,8 +13,9 @@ How a batch runs: each prompt is prefilled alone (in chunks; prompts of equal le
 together) into its own row of one static KV cache, so its numbers do not depend on its
 neighbours; then all rows decode together, each at its own position (a (B,) `start_pos`),
 with the causal rule masking the cache slots a row has not reached. Rows stop
-independently (EOS, stop string, token budget); finished rows idle until the whole batch is done. Host and device synchronise only when text is needed
-(streaming, stop strings) or, without those, every `check_every` steps to look for EOS.
+independently (EOS, stop string, token budget); finished rows idle until the whole batch
+is done. Host and device synchronise only when text is needed (streaming, stop strings)
+or, without those, every `check_every` steps to look for EOS.
 """
 
 from __future__ import annotations
