@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.model.config import ModelConfig
-from andromeda.model.linear import LINEARS
-
 ACT_LEVELS = 127.0  # signed 8-bit activations: [-127, 127]
 EPS = 1e-5
 
@@ -92,9 +89,3 @@ class BitLinear(nn.Linear, TernaryWeights):
         w = self.ternary_weight("weight")
         return F.linear(quantize_activation(x), w.to(x.dtype), self.bias)
 
-
-def _bitnet(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    return BitLinear(in_features, out_features, bias=bias)
-
-
-LINEARS["bitnet"] = _bitnet
