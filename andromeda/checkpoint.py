@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from andromeda.errors import UserError
+from andromeda.jsonfile import read_json
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer, build_model
 
@@ -109,10 +110,7 @@ def read_config(folder: Path) -> dict:
     path = folder / CONFIG
     if not path.exists():
         raise UserError(f"{folder} is not an andromeda checkpoint (no {CONFIG})")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path, "checkpoint config")
     if config.get("format") != FORMAT:
         raise UserError(f"{path} is not an andromeda checkpoint config (format={config.get('format')!r}); "
                         "for a Hugging Face folder run `andromeda convert --from-hf`")

@@ -32,9 +32,17 @@ import numpy as np
 
 from andromeda.data.shards import SplitWriter, TokenStream, dtype_for_vocab, read_doc_starts
 from andromeda.data.sources import Piece, Source, file_record, iter_pieces, resolve_sources, stdlib_sources
-from andromeda.data.tokenizer import (ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer,
-                                      tokenizer_from_path, train_bpe)
+from andromeda.data.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_path,
+    train_bpe,
+)
 from andromeda.errors import UserError
+from andromeda.jsonfile import read_json
 
 FORMAT = "andromeda-tokens"
 VERSION = 1
@@ -272,10 +280,7 @@ def open_prepared(folder) -> PreparedData:
     path = folder / META
     if not path.exists():
         raise UserError(f"{folder} is not a prepared data folder (no {META}); run `andromeda prepare`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json(path, "prepared data metadata")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{path} is not {FORMAT} version {VERSION} data; prepare it again")
     dtype = np.dtype(meta["dtype"])

@@ -30,6 +30,7 @@ from andromeda.checkpoint import atomic_folder_write
 from andromeda.data.tokenizer import HFTokenizer, Tokenizer
 from andromeda.errors import UserError
 from andromeda.interop.hf_weights import SafetensorsFolder, state_from_hf, state_to_hf
+from andromeda.jsonfile import read_json
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer, build_model
 
@@ -198,13 +199,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
 
 # ---------------------------------------------------------------- tokenizer
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
+    """The JSON object in `path`, or {} when the optional file is absent."""
+    return read_json(path) if path.exists() else {}
 
 
 def _special_token(tok, name: str, sources: list[dict]) -> Optional[str]:

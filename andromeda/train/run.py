@@ -24,6 +24,7 @@ import torch
 
 from andromeda.checkpoint import load_weights, read_config
 from andromeda.errors import ConfigError, UserError
+from andromeda.jsonfile import read_json
 from andromeda.model.config import ModelConfig, apply_overrides
 from andromeda.model.transformer import Transformer, build_model
 from andromeda.presets import preset_dict
@@ -59,21 +60,9 @@ class RunPlan:
                 "seed": self.seed}
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return data
-
-
 def resolve_run(args) -> RunPlan:
     run_dir = Path(args.out)
-    saved = _read_json(run_dir / ckpt.RUN_CONFIG, "run config") if (run_dir / ckpt.RUN_CONFIG).exists() else {}
+    saved = read_json(run_dir / ckpt.RUN_CONFIG, "run config") if (run_dir / ckpt.RUN_CONFIG).exists() else {}
     resume_from = None
     if ckpt.step_checkpoints(run_dir):
         if not args.resume:
@@ -86,7 +75,7 @@ def resolve_run(args) -> RunPlan:
     if args.preset:
         model_dict = preset_dict(args.preset)
     elif args.config:
-        data = _read_json(Path(args.config), "config file")
+        data = read_json(Path(args.config), "config file")
         if "model" in data:
             model_dict, train_dict = data["model"], {**train_dict, **(data.get("train") or {})}
         else:
