@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import json
 
-from andromeda.data.prepare import (DEFAULT_CORPUS_BYTES, DEFAULT_CORPUS_MIN_VAL_TOKENS, DEFAULT_VAL_FRACTION,
-                                    SHARD_TOKENS, prepare, prepare_default_corpus)
+from andromeda.data.prepare import (
+    DEFAULT_CORPUS_BYTES,
+    DEFAULT_CORPUS_MIN_VAL_TOKENS,
+    DEFAULT_VAL_FRACTION,
+    SHARD_TOKENS,
+    prepare,
+    prepare_default_corpus,
+)
 
 
 def add_arguments(p) -> None:

@@ -181,7 +181,8 @@ def train_bpe(texts, vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
 
     Byte-level means every string is encodable (no unknown token); `<|endoftext|>` is the
     only special token and ends documents."""
-    from tokenizers import Tokenizer as _HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:

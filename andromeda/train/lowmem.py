@@ -126,15 +126,26 @@ class BlockwiseAdamW8bit(torch.optim.Optimizer):
                     v = _dequantize(state["v_codes"], state["v_absmax"], g.shape, False)
                 else:
                     m, v = state["m"], state["v"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = _adam_update(m, v, g, b1, b2, t, group["eps"])
                 if quantized:
                     state["m_codes"], state["m_absmax"] = _quantize(m, True)
                     state["v_codes"], state["v_absmax"] = _quantize(v, False)
-                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                _apply_update(p, update, group)
         return loss
+
+
+def _adam_update(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b1: float, b2: float, t: float,
+                 eps: float) -> torch.Tensor:
+    """Advance Adam's moments m, v in place with gradient g; return the bias-corrected step."""
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    return (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+
+
+def _apply_update(p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+    """Decoupled weight decay (AdamW), then the step."""
+    p.mul_(1 - group["lr"] * group["weight_decay"])
+    p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 # --- GaLore ------------------------------------------------------------------------------
@@ -179,14 +190,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
                 state["step"] += 1
                 t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"])
+                update = _adam_update(state["exp_avg"], state["exp_avg_sq"], g, b1, b2, t, group["eps"])
                 if low_rank:
                     update = (P @ update if left else update @ P) * group["scale"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                _apply_update(p, update, group)
         return loss
 
 
