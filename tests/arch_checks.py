@@ -6,23 +6,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from andromeda.model import ModelConfig, build_model
 
 VOCAB = 32
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny ops run fastest on one thread, and the test machine's cores are shared; import
-    this fixture into a test module to apply it there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(depth: int = 2, dim: int = 32, heads: int = 4, kv_heads: int = 2, **extras) -> ModelConfig:

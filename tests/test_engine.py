@@ -13,15 +13,6 @@ from andromeda.infer.sampling import SamplingParams
 from andromeda.model.transformer import Transformer
 from andromeda.presets import get_preset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # Positional schemes and block kinds: rope+GQA (llama), xpos+alibi+MQA+token shift+DeepNorm
 # (andromeda), learned positions with tied embeddings (gpt2), parallel blocks (minimal-sota).
 PRESETS = ["llama-tiny", "andromeda-tiny", "gpt2-tiny", "minimal-sota-tiny"]

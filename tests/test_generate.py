@@ -17,15 +17,6 @@ from andromeda.infer.generate import TextTracker
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from arch_checks import (
     VOCAB,
-    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
     tiny_config,
     tokens,
 )

@@ -9,7 +9,6 @@ from arch_checks import (
     assert_all_parameters_learn,
     assert_cached_matches_full,
     assert_causal,
-    single_thread,  # noqa: F401  (autouse fixture: one CPU thread)
     tiny_config,
     tokens,
     train_beats_unigram,

@@ -29,14 +29,6 @@ MODEL = ["--preset", "llama-tiny", "--set", "dim=32", "--set", "mlp.dropout=0.1"
          "--set", "train.eval_batches=1", "--set", "train.lr=2e-3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data(tmp_path):
     text = "".join(f"line {i % 17} says {'ab' * (i % 5)} and stops.\n" for i in range(800))

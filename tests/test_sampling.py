@@ -4,17 +4,16 @@ import pytest
 import torch
 
 from andromeda.errors import UserError
-from andromeda.infer.sampling import (SamplingParams, apply_repetition_penalty, logits_to_probs,
-                                      make_generators, min_p_filter, sample, top_k_filter, top_p_filter)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from andromeda.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    logits_to_probs,
+    make_generators,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def random_logits(rows=6, vocab=50, seed=0):

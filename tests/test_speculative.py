@@ -17,15 +17,6 @@ from andromeda.infer.speculative import Speculator
 from andromeda.model.transformer import Transformer
 from andromeda.presets import get_preset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False)
 
 

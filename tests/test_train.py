@@ -29,15 +29,6 @@ CPU = torch.device("cpu")
 SMALL = dict(vocab_size=64, max_seq_len=32, dim=32, depth=2, attention=dict(heads=2), mlp=dict(multiple_of=16))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_model(**changes) -> Transformer:
     torch.manual_seed(0)
     return Transformer(ModelConfig.from_dict({**SMALL, **changes}))
