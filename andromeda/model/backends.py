@@ -75,6 +75,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) ->
     backend = choose_backend(spec, q.device)
     if backend != "sdpa" and _FORCED is None and _can_split_alibi(spec, q.shape[1], k.shape[1]):
         return _split_alibi(q, k, v, spec, backend)
+    return _run(backend, q, k, v, spec)
+
+
+def _run(backend: str, q, k, v, spec: AttnSpec) -> torch.Tensor:
     if backend == "flex":
         return _flex(q, k, v, spec)
     gqa = q.shape[1] != k.shape[1]
@@ -83,7 +87,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) ->
                                               scale=spec.scale, enable_gqa=gqa)
     if backend == "sdpa" and not _modified(spec) and spec.all_visible:
         return F.scaled_dot_product_attention(q, k, v, scale=spec.scale, enable_gqa=gqa)
-    bias = score_bias(spec, q.shape[1], q.dtype)
+    bias = score_bias(spec, q.dtype)
     if backend == "reference" and gqa:  # the math path repeats KV heads explicitly
         rep = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
@@ -109,18 +113,13 @@ def _split_alibi(q, k, v, spec: AttnSpec, backend: str) -> torch.Tensor:
     kv_n = kv_heads if kv_heads == 1 else n // (heads // kv_heads)
     kv_rest = slice(0, 1) if kv_heads == 1 else slice(kv_n, kv_heads)
     biased_spec = dataclasses.replace(spec, alibi=spec.alibi[:n], backend=backend)
-    biased = attend_with(backend, q[:, :n], k[:, :kv_n], v[:, :kv_n], biased_spec)
+    biased = _run(backend, q[:, :n], k[:, :kv_n], v[:, :kv_n], biased_spec)
     plain_spec = dataclasses.replace(spec, alibi=None, alibi_heads=0, backend="sdpa")
-    plain = attend_with("sdpa", q[:, n:], k[:, kv_rest], v[:, kv_rest], plain_spec)
+    plain = _run("sdpa", q[:, n:], k[:, kv_rest], v[:, kv_rest], plain_spec)
     return torch.cat([biased, plain], dim=1)
 
 
-def attend_with(backend: str, q, k, v, spec: AttnSpec) -> torch.Tensor:
-    with force_backend(backend):
-        return attend(q, k, v, spec)
-
-
-def score_bias(spec: AttnSpec, heads: int, dtype: torch.dtype) -> torch.Tensor:
+def score_bias(spec: AttnSpec, dtype: torch.dtype) -> torch.Tensor:
     """Additive bias (B or 1, H or 1, Lq, Lk): -inf where masked, -slope*distance for ALiBi."""
     dist = spec.q_pos[..., :, None] - spec.k_pos  # (Lq, Lk) or per sequence (B, Lq, Lk); >= 0 if visible
     dist = dist[:, None] if dist.dim() == 3 else dist[None, None]  # (B or 1, 1, Lq, Lk)
