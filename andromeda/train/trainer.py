@@ -149,13 +149,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
-        targets = sum(int((y != IGNORE).sum()) for _, y, _ in batches)
+        # Kept on the device: an int() here would make the host wait for the previous step.
+        targets = sum((y != IGNORE).sum() for _, y, _ in batches).clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         for i, (x, y, doc) in enumerate(batches):
             with no_sync(self.model, i == len(batches) - 1), autocast(self.device, self.dtype):
                 logits = self.model(x, doc_ids=doc)
-                loss = cross_entropy_sum(logits, y) / max(targets, 1)
+                loss = cross_entropy_sum(logits, y) / targets
                 aux = self._aux_loss() / len(batches)
             (loss + aux).backward()
             loss_sum += loss.detach()
