@@ -202,10 +202,6 @@ PRESETS.update({
 })
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; run `andromeda presets` to list them")

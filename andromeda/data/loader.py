@@ -166,10 +166,6 @@ class TokenLoader:
         self.close()
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        return len(self.stream) - 1
-
     def iter_eval_windows(self, split: Optional[str] = None, seq_len: Optional[int] = None,
                           batch_size: Optional[int] = None) -> Iterator[Batch]:
         """`iter_eval_windows` on this loader's data, defaulting to its own settings."""
