@@ -11,3 +11,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A model or training config that cannot work; the message says what to change."""
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless cond holds: the one-line validation of config fields."""
+    if not cond:
+        raise ConfigError(msg)

@@ -16,16 +16,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from andromeda.errors import ConfigError
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from andromeda.errors import ConfigError, check
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    _check(value in allowed, f"{name}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
+    check(value in allowed, f"{name}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -53,17 +48,17 @@ class AttentionConfig:
     """Sliding-window size (tokens a query may see, itself included); None is full causal."""
 
     def __post_init__(self):
-        _check(self.heads >= 1, f"attention.heads must be >= 1, got {self.heads}")
+        check(self.heads >= 1, f"attention.heads must be >= 1, got {self.heads}")
         if self.kv_heads is None:
             self.kv_heads = self.heads
-        _check(self.kv_heads >= 1, f"attention.kv_heads must be >= 1, got {self.kv_heads}")
-        _check(self.heads % self.kv_heads == 0,
+        check(self.kv_heads >= 1, f"attention.kv_heads must be >= 1, got {self.kv_heads}")
+        check(self.heads % self.kv_heads == 0,
                f"attention.heads ({self.heads}) must be divisible by attention.kv_heads ({self.kv_heads})")
         _one_of("attention.qk_norm", self.qk_norm, ("none", "rms", "layer"))
         _one_of("attention.backend", self.backend, ("auto", "sdpa", "flex", "reference"))
-        _check(0.0 <= self.dropout < 1.0, f"attention.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
-        _check(self.window is None or self.window >= 1, "attention.window must be >= 1 or null")
+        check(0.0 <= self.dropout < 1.0, f"attention.dropout must be in [0, 1), got {self.dropout}")
+        check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
+        check(self.window is None or self.window >= 1, "attention.window must be >= 1 or null")
 
 
 @dataclass
@@ -96,12 +91,12 @@ class PositionConfig:
     def __post_init__(self):
         _one_of("position.kind", self.kind, ("none", "learned", "rope", "xpos"))
         _one_of("position.rope_scaling", self.rope_scaling, ("none", "linear", "ntk", "yarn", "llama3"))
-        _check(self.rope_factor >= 1.0, f"position.rope_factor must be >= 1, got {self.rope_factor}")
-        _check(self.rope_theta > 0, "position.rope_theta must be > 0")
-        _check(self.rope_dim is None or (self.rope_dim > 0 and self.rope_dim % 2 == 0),
+        check(self.rope_factor >= 1.0, f"position.rope_factor must be >= 1, got {self.rope_factor}")
+        check(self.rope_theta > 0, "position.rope_theta must be > 0")
+        check(self.rope_dim is None or (self.rope_dim > 0 and self.rope_dim % 2 == 0),
                f"position.rope_dim must be a positive even number, got {self.rope_dim}")
-        _check(self.alibi_heads >= -1, "position.alibi_heads must be -1 (all), 0 (none) or a head count")
-        _check(self.rope_scaling == "none" or self.kind in ("rope", "xpos"),
+        check(self.alibi_heads >= -1, "position.alibi_heads must be -1 (all), 0 (none) or a head count")
+        check(self.rope_scaling == "none" or self.kind in ("rope", "xpos"),
                f"position.rope_scaling={self.rope_scaling!r} needs position.kind 'rope' or 'xpos'")
 
     @property
@@ -122,7 +117,7 @@ class NormConfig:
     def __post_init__(self):
         _one_of("norm.kind", self.kind, ("rms", "layer"))
         _one_of("norm.placement", self.placement, ("pre", "post", "deepnorm"))
-        _check(self.eps > 0, "norm.eps must be > 0")
+        check(self.eps > 0, "norm.eps must be > 0")
 
 
 @dataclass
@@ -137,9 +132,9 @@ class MLPConfig:
 
     def __post_init__(self):
         _one_of("mlp.kind", self.kind, ("swiglu", "geglu", "gelu", "relu"))
-        _check(self.hidden_dim is None or self.hidden_dim >= 1, "mlp.hidden_dim must be >= 1")
-        _check(self.multiple_of >= 1, "mlp.multiple_of must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "mlp.dropout must be in [0, 1)")
+        check(self.hidden_dim is None or self.hidden_dim >= 1, "mlp.hidden_dim must be >= 1")
+        check(self.multiple_of >= 1, "mlp.multiple_of must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "mlp.dropout must be in [0, 1)")
 
     @property
     def gated(self) -> bool:
@@ -166,8 +161,8 @@ class BlockConfig:
     residual_dropout: float = 0.0
 
     def __post_init__(self):
-        _check(self.shift_tokens >= 0, "block.shift_tokens must be >= 0")
-        _check(0.0 <= self.residual_dropout < 1.0, "block.residual_dropout must be in [0, 1)")
+        check(self.shift_tokens >= 0, "block.shift_tokens must be >= 0")
+        check(0.0 <= self.residual_dropout < 1.0, "block.residual_dropout must be in [0, 1)")
 
 
 @dataclass
@@ -194,23 +189,23 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(typ, value, name))
-        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        _check(self.dim >= 1 and self.depth >= 1, "dim and depth must be >= 1")
-        _check(0.0 <= self.embed_dropout < 1.0, "embed_dropout must be in [0, 1)")
+        check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        check(self.dim >= 1 and self.depth >= 1, "dim and depth must be >= 1")
+        check(0.0 <= self.embed_dropout < 1.0, "embed_dropout must be in [0, 1)")
         a, p = self.attention, self.position
         if a.head_dim is None:
-            _check(self.dim % a.heads == 0,
+            check(self.dim % a.heads == 0,
                    f"dim ({self.dim}) must be divisible by attention.heads ({a.heads}), or set attention.head_dim")
         hd = self.head_dim
         if p.rotary:
             rd = p.rope_dim or hd
-            _check(rd % 2 == 0 and rd <= hd, f"rotary width {rd} must be even and <= head_dim {hd}")
-        _check(p.alibi_heads <= a.heads, f"position.alibi_heads ({p.alibi_heads}) exceeds attention.heads ({a.heads})")
+            check(rd % 2 == 0 and rd <= hd, f"rotary width {rd} must be even and <= head_dim {hd}")
+        check(p.alibi_heads <= a.heads, f"position.alibi_heads ({p.alibi_heads}) exceeds attention.heads ({a.heads})")
         if self.norm.placement == "deepnorm":
-            _check(not self.block.parallel, "norm.placement='deepnorm' does not combine with block.parallel")
+            check(not self.block.parallel, "norm.placement='deepnorm' does not combine with block.parallel")
         if self.block.shift_tokens:
-            _check(self.dim >= self.block.shift_tokens + 1,
+            check(self.dim >= self.block.shift_tokens + 1,
                    f"block.shift_tokens={self.block.shift_tokens} needs dim >= {self.block.shift_tokens + 1}")
 
     @property

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from andromeda.errors import ConfigError
+from andromeda.errors import ConfigError, check
 from andromeda.model.config import ModelConfig
 
 
@@ -40,10 +40,6 @@ def parse_family(typ, cfg: ModelConfig, family: str):
     except TypeError as e:
         raise ConfigError(f"extras.{family}: {e}") from None
 
-
-def check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass

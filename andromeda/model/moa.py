@@ -21,11 +21,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from andromeda.errors import check
 from andromeda.infer.cache import KVCache
 from andromeda.model.backends import AttnSpec, attend
 from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import check, parse_family
+from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
 from andromeda.model.moe import TopKRouter, combine, dispatch, grouped_matmul
 from andromeda.model.norm import build_norm

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from andromeda.errors import check
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import check, parse_family
+from andromeda.model.layout import parse_family
 from andromeda.model.linear import make_linear
 from andromeda.model.position import Rotary
 

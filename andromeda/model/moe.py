@@ -26,9 +26,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from andromeda.errors import check
 from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import check, parse_family
+from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
 from andromeda.model.mlp import _ACT, GatedMLP, PlainMLP
 

@@ -13,14 +13,10 @@ from typing import Optional
 
 import torch
 
-from andromeda.errors import ConfigError
+from andromeda.errors import ConfigError, check
 
 DTYPES = ("auto", "bf16", "fp32")
 
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -77,23 +73,23 @@ class TrainConfig:
     """Also write TensorBoard events when tensorboard is installed."""
 
     def __post_init__(self):
-        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        _check(self.seq_len is None or self.seq_len >= 2, f"train.seq_len must be >= 2, got {self.seq_len}")
-        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(0 <= self.warmup_frac < 1, f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
-        _check(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-        _check(self.log_every >= 1, "train.log_every must be >= 1")
-        _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
-        _check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
-        _check(self.keep_last >= 1, "train.keep_last must be >= 1")
+        check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        check(self.seq_len is None or self.seq_len >= 2, f"train.seq_len must be >= 2, got {self.seq_len}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(0 <= self.warmup_frac < 1, f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        check(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        check(self.log_every >= 1, "train.log_every must be >= 1")
+        check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
+        check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
+        check(self.keep_last >= 1, "train.keep_last must be >= 1")
         from andromeda.train.optim import OPTIMIZERS  # late: optim imports nothing from here
-        _check(self.optimizer in OPTIMIZERS,
+        check(self.optimizer in OPTIMIZERS,
                f"train.optimizer={self.optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
 
     @property
