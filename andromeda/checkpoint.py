@@ -42,12 +42,12 @@ def _state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint_files(folder: Path, model: Transformer, tokenizer: Optional[Tokenizer],
-                           meta: Optional[dict] = None) -> None:
-    """Write config, weights and tokenizer into an existing (temporary) folder."""
+                           meta: Optional[dict] = None, weights_name: str = WEIGHTS) -> None:
+    """Write config, weights (as `weights_name`) and tokenizer into an existing (temporary) folder."""
     folder = Path(folder)
     config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(),
               "tokenizer": tokenizer.spec() if tokenizer is not None else None, "meta": meta or {}}
-    save_file(_state_for_saving(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(_state_for_saving(model), str(folder / weights_name), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder)
     (folder / CONFIG).write_text(json.dumps(config, indent=2))
@@ -91,11 +91,11 @@ def _fsync_tree(folder: Path) -> None:
 
 def save_checkpoint(dest: Path, model: Transformer, tokenizer: Optional[Tokenizer] = None,
                     meta: Optional[dict] = None,
-                    extra: Optional[Callable[[Path], None]] = None) -> Path:
+                    extra: Optional[Callable[[Path], None]] = None, weights_name: str = WEIGHTS) -> Path:
     """Atomically write a checkpoint folder; `extra(folder)` may add files (training state)."""
     try:
         def fill(folder: Path) -> None:
-            write_checkpoint_files(folder, model, tokenizer, meta)
+            write_checkpoint_files(folder, model, tokenizer, meta, weights_name)
             if extra is not None:
                 extra(folder)
         return atomic_folder_write(Path(dest), fill)

@@ -15,15 +15,14 @@ Offers:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from andromeda.checkpoint import CONFIG, FORMAT, VERSION, atomic_folder_write, read_config
+from andromeda.checkpoint import load_weights, read_config, save_checkpoint
 from andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from andromeda.errors import UserError
 from andromeda.model.bitlinear import TernaryWeights, ternarize
@@ -116,23 +115,8 @@ def save_packed(dest: Path, model: Transformer, tokenizer: Optional[Tokenizer] =
                 meta: Optional[dict] = None) -> Path:
     """Write a packed checkpoint folder atomically; `model` itself is packed in place."""
     pack_model(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("head.weight", None)
-    config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(),
-              "tokenizer": tokenizer.spec() if tokenizer is not None else None,
-              "meta": dict(meta or {}, packed="bitnet-2bit")}
-
-    def fill(folder: Path) -> None:
-        save_file(state, str(folder / PACKED_WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(folder)
-        (folder / CONFIG).write_text(json.dumps(config, indent=2))
-
-    try:
-        return atomic_folder_write(Path(dest), fill)
-    except OSError as e:
-        raise UserError(f"could not write packed checkpoint {dest}: {e.strerror or e}") from None
+    return save_checkpoint(dest, model, tokenizer, dict(meta or {}, packed="bitnet-2bit"),
+                           weights_name=PACKED_WEIGHTS)
 
 
 def load_packed(folder: Path, device="cpu") -> tuple[Transformer, Optional[Tokenizer], dict]:
@@ -150,8 +134,6 @@ def load_packed(folder: Path, device="cpu") -> tuple[Transformer, Optional[Token
         state = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise UserError(f"cannot read {path}: {e}") from None
-    from andromeda.checkpoint import load_weights
-
     load_weights(model, state, str(path), device=device)
     tok_spec = config.get("tokenizer")
     tokenizer = load_tokenizer(tok_spec, folder) if tok_spec else None
