@@ -119,5 +119,6 @@ def test_cli_json_and_bad_inputs(tmp_path, text_file, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(text_file)]) == 2
     assert main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "empty.txt")]) == 2
     assert main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nope.txt")]) == 2
+    assert main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--data", str(text_file), "--device", "gpu0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 3 and "Traceback" not in err
+    assert err.count("error:") == 4 and "Traceback" not in err and "is not a device" in err

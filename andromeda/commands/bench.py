@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from andromeda.commands.generate import resolve_device, resolve_dtype
+from andromeda.commands.generate import resolve_dtype
+from andromeda.devices import resolve_device
 from andromeda.errors import UserError
 from andromeda.infer.engine import prepare_model
 

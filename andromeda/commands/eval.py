@@ -16,6 +16,7 @@ import json
 import torch
 
 from andromeda.checkpoint import load_checkpoint
+from andromeda.devices import resolve_device
 from andromeda.errors import UserError
 from andromeda.eval.perplexity import evaluate, load_eval_tokens
 
@@ -37,7 +38,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer, _ = load_checkpoint(args.ckpt, device=device, dtype=dtype)
     if tokenizer is None:

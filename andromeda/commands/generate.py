@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from andromeda.devices import resolve_device
 from andromeda.errors import UserError
 from andromeda.infer.sampling import SamplingParams
 
@@ -50,18 +51,6 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print results as JSON instead of streaming")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

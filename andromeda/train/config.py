@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from andromeda import devices
 from andromeda.errors import ConfigError, check
 
 DTYPES = ("auto", "bf16", "fp32")
@@ -116,12 +117,7 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={cfg.device!r} but CUDA is not available; use train.device=cpu")
-    return device
+    return devices.resolve_device(cfg.device, "train.device")
 
 
 def resolve_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
