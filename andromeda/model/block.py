@@ -72,6 +72,7 @@ class Residual(nn.Module):
         n = cfg.block.shift_tokens
         self.shift = TokenShift(n, cfg.dim) if n else None
         self.dropout = nn.Dropout(cfg.block.residual_dropout)
+        self.dim = cfg.dim
 
     def _inner(self, h, ctx, fn_state, shift_state):
         if self.shift is not None:
@@ -84,11 +85,7 @@ class Residual(nn.Module):
         return self.norm(self.alpha * x + self._inner(x, ctx, fn_state, shift_state))
 
     def init_shift_state(self, batch, dtype, device):
-        return ShiftState(batch, self.shift.n, self.norm_dim, dtype, device) if self.shift else None
-
-    @property
-    def norm_dim(self) -> int:
-        return self.norm.weight.shape[0]
+        return ShiftState(batch, self.shift.n, self.dim, dtype, device) if self.shift else None
 
 
 def _part(state: Optional[LayerState], name: str):
