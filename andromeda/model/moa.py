@@ -23,14 +23,12 @@ from torch import nn
 
 from andromeda.errors import check
 from andromeda.infer.cache import KVCache
-from andromeda.model.backends import AttnSpec, attend
+from andromeda.model.attention import ScoreOptions
 from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
 from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
 from andromeda.model.moe import TopKRouter, combine, dispatch, grouped_matmul
-from andromeda.model.norm import build_norm
-from andromeda.model.position import apply_rotary
 
 
 @dataclass
@@ -48,7 +46,7 @@ class MoAConfig:
         check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "extras.moa loss weights must be >= 0")
 
 
-class MixtureOfAttentionHeads(nn.Module, TernaryWeights):
+class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         m = self.mcfg = parse_family(MoAConfig, cfg, "moa")
@@ -71,12 +69,7 @@ class MixtureOfAttentionHeads(nn.Module, TernaryWeights):
         self.bitnet = linear_kind(cfg, "attention") == "bitnet"
         self.ternary_params = ("w_q", "w_o") if self.bitnet else ()
         self.expert_numel = 2 * cfg.dim * self.q_width
-        self.q_norm = self.k_norm = None
-        if a.qk_norm != "none":
-            self.q_norm = build_norm(cfg.norm, self.head_dim, a.qk_norm, affine=a.qk_norm_dim_scale)
-            self.k_norm = build_norm(cfg.norm, self.head_dim, a.qk_norm, affine=a.qk_norm_dim_scale)
-        self.scale = a.qk_norm_scale if (a.qk_norm != "none" and a.qk_norm_scale) else 1 / math.sqrt(self.head_dim)
-        self.dropout, self.window, self.backend = a.dropout, a.window, a.backend
+        self._init_score_options(cfg)  # ALiBi is refused above, so no slopes are set
 
     @torch.no_grad()
     def reset_parameters_for_init(self, cfg: ModelConfig) -> None:
@@ -104,21 +97,7 @@ class MixtureOfAttentionHeads(nn.Module, TernaryWeights):
         q = q.view(B, L, k, he, hd).permute(0, 3, 2, 1, 4).reshape(B, he * k, L, hd)  # head-major heads
         kv = self.wkv(x).view(B, L, 2, self.kv_heads, hd)
         key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, KVH, L, hd)
-        if self.q_norm is not None:
-            q, key = self.q_norm(q), self.k_norm(key)
-        if ctx.rotary is not None:
-            rt = ctx.rotary
-            q = apply_rotary(q, rt.cos, rt.sin, rt.xpos_q)
-            key = apply_rotary(key, rt.cos, rt.sin, rt.xpos_k)
-        k_pos, plain, all_visible = ctx.positions, ctx.plain_causal, False
-        if cache is not None:
-            key, value, k_pos = cache.update(ctx.start_pos, key, value)
-            plain = plain and key.shape[2] == L
-            all_visible = L == 1 and isinstance(ctx.start_pos, int)
-        spec = AttnSpec(q_pos=ctx.positions, k_pos=k_pos, scale=self.scale, window=self.window,
-                        doc_ids=ctx.doc_ids, plain_causal=plain, all_visible=all_visible,
-                        dropout=self.dropout if self.training else 0.0, backend=self.backend)
-        out = attend(q, key, value, spec)  # (B, he*k, L, hd)
+        out = self._attend_heads(q, key, value, ctx, cache)  # (B, he*k, L, hd)
         out = out.view(B, he, k, L, hd).permute(0, 3, 2, 1, 4).reshape(N * k, self.q_width)
         o_sorted = out.index_select(0, d.order)
         if self.bitnet:
