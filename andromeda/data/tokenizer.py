@@ -241,23 +241,18 @@ def load_tokenizer(spec: dict, folder: Optional[Path] = None) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(list(spec["chars"]))
     if kind == "hf":
-        if folder is None:
-            raise UserError("an hf tokenizer spec needs the folder that holds its tokenizer.json")
-        path = Path(folder) / spec.get("file", HFTokenizer.FILE)
-        if not path.exists():
-            raise UserError(f"tokenizer file missing: {path}")
+        path = _tokenizer_file(spec, folder, HFTokenizer.FILE)
         return HFTokenizer.from_file(path, spec.get("eos_token"), spec.get("bos_token"))
     if kind == "sentencepiece":
-        if folder is None:
-            raise UserError("a sentencepiece tokenizer spec needs the folder that holds its model file")
-        path = Path(folder) / spec.get("file", SentencePieceTokenizer.FILE)
-        if not path.exists():
-            raise UserError(f"tokenizer file missing: {path}")
-        return SentencePieceTokenizer.from_file(path)
-    if kind in _EXTRA_LOADERS:
-        return _EXTRA_LOADERS[kind](spec, folder)
+        return SentencePieceTokenizer.from_file(_tokenizer_file(spec, folder, SentencePieceTokenizer.FILE))
     raise UserError(f"unknown tokenizer kind {kind!r} in {json.dumps(spec)[:200]}")
 
 
-# kind -> loader(spec, folder); for tokenizer kinds defined in other modules.
-_EXTRA_LOADERS: dict = {}
+def _tokenizer_file(spec: dict, folder: Optional[Path], default: str) -> Path:
+    """The file a file-backed tokenizer spec names, inside `folder`."""
+    if folder is None:
+        raise UserError(f"a {spec['kind']} tokenizer spec needs the folder that holds its {default}")
+    path = Path(folder) / spec.get("file", default)
+    if not path.exists():
+        raise UserError(f"tokenizer file missing: {path}")
+    return path
