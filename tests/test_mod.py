@@ -132,3 +132,30 @@ def test_anemone_checkpoint_roundtrip_keeps_logits(tmp_path):
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_activation_checkpointing_counts_aux_losses_once():
+    """The backward pass recomputes checkpointed blocks; their auxiliary losses and routing
+    statistics must still be those of the one forward pass, with the same gradients."""
+    import dataclasses
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=2), mod=dict(capacity=0.5), layout=EVERY_BLOCK)
+    plain = build_model(cfg).train()
+    ckpt = build_model(dataclasses.replace(cfg, block=dataclasses.replace(cfg.block, checkpoint_activations=True))).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = tokens(2, 16)
+    reported = []
+    for model in (plain, ckpt):
+        logits = model(x)
+        aux = dict(model.last_context.aux_losses)
+        (logits.logsumexp(-1).mean() + sum(aux.values())).backward()
+        after = {k: v.item() for k, v in model.last_context.aux_losses.items()}
+        assert after == {k: v.item() for k, v in aux.items()}, "backward changed the reported losses"
+        reported.append((after, {k: v.clone() for k, v in model.last_context.stats.items()}))
+    assert set(reported[0][0]) == {"moe_balance", "moe_z", "mod_predictor"}
+    assert reported[0][0] == pytest.approx(reported[1][0], rel=1e-6)
+    assert reported[0][1].keys() == reported[1][1].keys()
+    for key, value in reported[0][1].items():
+        torch.testing.assert_close(value, reported[1][1][key])
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

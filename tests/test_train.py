@@ -399,3 +399,26 @@ def test_tensorboard_events_when_installed(tmp_path):
     events.Reload()
     logged = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
+
+
+def test_routing_loads_are_logged_for_moe_models(tmp_path):
+    model = small_model(extras=dict(moe=dict(num_experts=4, top_k=2)))
+    trainer = make_trainer(tmp_path, model=model, max_steps=3, log_every=1)
+    trainer.fit()
+    logged = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in logged if "loss" in r]
+    assert len(train_lines) == 3
+    for record in train_lines:
+        for layer in range(2):
+            load = record[f"moe_load/layer{layer}"]
+            # top-2 of 4: every assignment lands on one expert, shares sum to one.
+            assert len(load) == 4 and sum(load) == pytest.approx(1.0, abs=1e-5)
+            assert record[f"moe_load/layer{layer}/max_over_mean"] == pytest.approx(max(load) * 4, rel=1e-4)
+
+
+def test_routing_metrics_keeps_scalars_and_summarises_vectors():
+    from andromeda.train.metrics import routing_metrics
+    out = routing_metrics({"mod_fraction/layer1": torch.tensor(0.25),
+                           "moe_load/layer0": torch.tensor([0.5, 0.25, 0.25, 0.0])})
+    assert out == {"mod_fraction/layer1": 0.25, "moe_load/layer0": [0.5, 0.25, 0.25, 0.0],
+                   "moe_load/layer0/max_over_mean": 2.0}

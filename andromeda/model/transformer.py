@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, state, use_reentrant=False)
+                x = _checkpointed(layer, x, ctx, state)
             else:
                 x = layer(x, ctx, state)
         self.last_context = ctx
@@ -100,6 +100,23 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         return x if return_hidden else self.head(x)
+
+
+def _checkpointed(layer: nn.Module, x: torch.Tensor, ctx: Context, state) -> torch.Tensor:
+    """Run `layer` under activation checkpointing. The backward pass runs the layer a second
+    time; if it reported to `ctx` directly, that recomputation would add every auxiliary loss
+    and statistic again (after the loss was already taken) and keep the recomputed graph
+    alive through `last_context`. So the layer reports to a private context whose contents
+    are returned as outputs of the checkpointed call, and only the first run's are merged."""
+    def run(x):
+        local = dataclasses.replace(ctx, aux_losses={}, stats={})
+        return layer(x, local, state), local.aux_losses, local.stats
+
+    y, aux_losses, stats = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    for name, value in aux_losses.items():
+        ctx.add_aux_loss(name, value)
+    ctx.stats.update(stats)
+    return y
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 Offers `MetricsLog(run_dir, resume_step, tensorboard)` with `log(record)` and `close()`, and
 `read_metrics(run_dir)`. Train lines carry step, loss, lr, tokens_per_s, elapsed_s (and mfu
-when the device peak is known); validation lines carry step, val_loss, elapsed_s.
+when the device peak is known, routing statistics for MoE/MoA/MoD models); validation lines carry step, val_loss, elapsed_s.
 On resume, lines past the resumed step (written after the checkpoint by the interrupted
 process) are dropped, so the file always describes one consistent history.
 """
@@ -15,6 +15,24 @@ from pathlib import Path
 from typing import Optional
 
 METRICS = "metrics.jsonl"
+
+
+def routing_metrics(stats: dict) -> dict:
+    """Layer statistics from `model.last_context.stats` as loggable values: a per-expert load
+    vector (share of routing assignments per expert) becomes a list plus
+    `<key>/max_over_mean` (1.0 is a perfectly balanced layer, E means one expert takes
+    everything); scalar statistics (Mixture-of-Depths fractions, predictor accuracy) stay
+    scalars. Called on logging steps only: reading the values syncs with the device."""
+    out = {}
+    for key, value in sorted(stats.items()):
+        values = value.detach().float().reshape(-1).tolist()
+        if len(values) == 1:
+            out[key] = round(values[0], 6)
+        elif values:
+            mean = sum(values) / len(values)
+            out[key] = [round(v, 6) for v in values]
+            out[key + "/max_over_mean"] = round(max(values) / mean, 6) if mean > 0 else 0.0
+    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -30,7 +30,7 @@ from andromeda.model.transformer import Transformer
 from andromeda.train import checkpoint as ckpt
 from andromeda.train.config import TrainConfig, resolve_dtype
 from andromeda.train.flops import device_peak_flops, flops_per_token, mfu
-from andromeda.train.metrics import MetricsLog
+from andromeda.train.metrics import MetricsLog, routing_metrics
 from andromeda.train.optim import build_optimizer
 from andromeda.train.parallel import DistInfo, all_gather, compile_model, no_sync, wrap_ddp
 from andromeda.train.schedule import lr_at, warmup_steps
@@ -215,6 +215,8 @@ class Trainer:
                               "tokens_per_s": tok_s, "elapsed_s": self.elapsed}
                     if self.aux:
                         record["aux_loss"] = self.aux
+                    if self.raw.last_context is not None:
+                        record.update(routing_metrics(self.raw.last_context.stats))
                     util = mfu(tok_s / self.dist.world, self.flops_per_token, self.peak_flops)
                     if util is not None:
                         record["mfu"] = util
