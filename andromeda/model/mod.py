@@ -127,6 +127,8 @@ class MoDBlock(nn.Module):
         B = x.shape[0]
         chosen = self.predictor(x).squeeze(-1) > 0  # (B, L): each token decides alone
         ctx.stats[f"mod_fraction/layer{self.layer_idx}"] = chosen.float().mean().detach()
+        if state is None:
+            return self._uncached_forward(x, ctx, chosen, weight)
         out = x.clone()
         for b in range(B):  # sequences route different numbers of tokens
             sel = chosen[b].nonzero().squeeze(1)
@@ -141,3 +143,24 @@ class MoDBlock(nn.Module):
         if state is not None:
             state.count += chosen.sum(dim=1)
         return out
+
+    def _uncached_forward(self, x, ctx, chosen, weight):
+        """Eval forward without a cache, all rows in one block call. Each row's routed tokens
+        are packed to the front in time order and the row is padded on the right with its
+        unrouted tokens (as many as the longest row needs). The block is causal, so padding
+        after a row's last routed token cannot change that row's routed outputs; the padded
+        updates are then dropped."""
+        B, L, D = x.shape
+        counts = chosen.sum(dim=1)  # (B,)
+        C = int(counts.max())
+        if C == 0:
+            return x
+        steps = torch.arange(L, device=x.device)
+        order = torch.where(chosen, steps, steps + L).argsort(dim=1)[:, :C]  # (B, C): routed first
+        valid = (torch.arange(C, device=x.device) < counts[:, None]).to(x.dtype)
+        gather = order[..., None].expand(B, C, D)
+        sub = x.gather(1, gather)
+        doc = ctx.doc_ids.gather(1, order) if ctx.doc_ids is not None else None
+        y = self.block(sub, self._sub_context(ctx, 0, C, x.device, x.dtype, doc))
+        delta = (y - sub) * (weight.gather(1, order) * valid)[..., None]
+        return x.scatter_add(1, gather, delta)
