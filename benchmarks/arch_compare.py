@@ -369,6 +369,8 @@ def main(argv=None) -> int:
         raise SystemExit("error: --steps, --batch-size, --seq-len, --dim, --eval-batches and --threads must be >= 1")
     if args.depth < 4:
         raise SystemExit("error: --depth must be >= 4 so that the Jamba layout has attention, Mamba, MoE and MoD")
+    if not (args.out / "data" / "meta.json").exists() and not args.data.is_file():
+        raise SystemExit(f"error: text file not found: {args.data}")  # before anything is created
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     try:

@@ -115,3 +115,10 @@ def test_mod_diagnostics(ac, tmp_path):
     assert set(diag["mod_routed_eval"]) == set(diag["mod_predictor_acc"]) == {"layer0", "layer2"}
     assert all(0.0 <= v <= 1.0 for v in [*diag["mod_routed_eval"].values(), *diag["mod_predictor_acc"].values()])
     assert math.isfinite(diag["val_loss_topk"]) and not mod.training
+
+
+def test_missing_text_fails_before_creating_the_output_folder(ac, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="text file not found"):
+        ac.main(["--data", str(tmp_path / "missing.txt"), "--out", str(out)])
+    assert not out.exists()
