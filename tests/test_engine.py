@@ -199,6 +199,8 @@ def test_compiled_decoding_matches_eager(preset):
     prompts = ["same", "size", "and a longer one"]
     eager = Engine(model, ByteTokenizer()).generate(prompts, GREEDY)
     compiled = Engine(model, ByteTokenizer(), compile=True)
+    # Batch 1: the one-row products are compiled as multiply-and-sum reductions.
+    assert compiled.generate(prompts[2:], GREEDY)[0].token_ids == eager[2].token_ids
     assert [r.token_ids for r in compiled.generate(prompts[:2], GREEDY)] == [r.token_ids for r in eager[:2]]
     assert [r.token_ids for r in compiled.generate(prompts, GREEDY)] == [r.token_ids for r in eager]
     # One cache serving equal lengths (int positions) and then different lengths (tensor positions).

@@ -155,7 +155,8 @@ def test_activation_checkpointing_counts_aux_losses_once():
     torch.manual_seed(0)
     cfg = tiny_config(moe=dict(num_experts=4, top_k=2), mod=dict(capacity=0.5), layout=EVERY_BLOCK)
     plain = build_model(cfg).train()
-    ckpt = build_model(dataclasses.replace(cfg, block=dataclasses.replace(cfg.block, checkpoint_activations=True))).train()
+    ckpt_cfg = dataclasses.replace(cfg, block=dataclasses.replace(cfg.block, checkpoint_activations=True))
+    ckpt = build_model(ckpt_cfg).train()
     ckpt.load_state_dict(plain.state_dict())
     x = tokens(2, 16)
     reported = []

@@ -4,8 +4,8 @@ HTTP server.
 - `Engine(model, tokenizer, device, dtype, compile=False, draft=None)`:
   `generate(prompts, params) -> list[GenerationResult]` and `stream(prompts, params)`, an
   iterator of `StreamEvent`s (text pieces as they become final, then each sequence's result).
-- `prepare_model(model, device, dtype)`: move a model for inference (eval mode, derived
-  tables kept in float32, decode-friendly weight layout on CPU: `gemv_layout`).
+- `prepare_model(model, device, dtype, compiled)`: move a model for inference (eval mode,
+  derived tables kept in float32, decode-friendly linears on CPU: `cpu_linears`).
 - `GenerationResult`: text, token ids, counts, finish reason ('eos', 'stop', 'length'),
   prefill time and decode speed (and the draft acceptance rate with speculative decoding).
 
@@ -25,10 +25,10 @@ import time
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from andromeda.errors import UserError
 from andromeda.infer.cache import batch_rows, reset_recurrent
+from andromeda.infer.cpu_linears import prepare_cpu_linears
 from andromeda.infer.generate import DecodeStep, TextTracker, prefill
 from andromeda.infer.sampling import SamplingParams, logits_to_probs, make_generators, pick
 
@@ -67,33 +67,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_model(model, device, dtype=None):
+def prepare_model(model, device, dtype=None, compiled: bool = False):
     """Move a model for inference. Derived tables (rotary frequencies, ALiBi slopes) are
     recomputed afterwards so they stay float32 whatever the weights' dtype. On CPU, linear
-    weights are stored input-major (see `gemv_layout`)."""
+    layers get the weight layout and product that decode fastest in eager or compiled mode
+    (`andromeda.infer.cpu_linears`)."""
     model = model.to(device=device, dtype=dtype).eval()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     if torch.device(device).type == "cpu":
-        gemv_layout(model)
+        prepare_cpu_linears(model, compiled)
     return model
-
-
-def gemv_layout(model) -> None:
-    """Store the weight (out, in) of every widening nn.Linear (out > in: q/k/v, gate/up) as
-    the transpose of a contiguous (in, out) matrix. Values, shapes and state-dict names are
-    unchanged; `x @ W.T` then reaches BLAS as a non-transposed product. For one-row inputs,
-    the memory-bound shape of decoding, MKL streams a widening weight about 1.7x faster this
-    way on the x86 CPUs we measured, while narrowing ones (the MLP's down projection) are
-    faster as they are (benchmarks/RESULTS.md). Embeddings keep their layout (rows are gathered)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    with torch.no_grad():
-        for module in model.modules():
-            w = getattr(module, "weight", None)
-            if (isinstance(module, nn.Linear) and w is not None and id(w) not in embeddings
-                    and w.shape[0] > w.shape[1] and w.is_contiguous()):
-                w.data = w.data.t().contiguous().t()
 
 
 class _Sequence:
@@ -138,10 +123,10 @@ class Engine:
                  draft=None, draft_tokens: int = 4, truncate_prompt: bool = False, check_every: int = 16):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
+        self.compile = compile
         self.model = self._prepare(model)
         self.draft = self._prepare(draft) if draft is not None else None
         self.tokenizer = tokenizer
-        self.compile = compile
         self.prefill_chunk = prefill_chunk
         self.draft_tokens = draft_tokens
         self.truncate_prompt = truncate_prompt
@@ -153,7 +138,7 @@ class Engine:
         self._caches: dict = {}
 
     def _prepare(self, model):
-        return prepare_model(model, self.device, self.dtype)
+        return prepare_model(model, self.device, self.dtype, compiled=self.compile)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:

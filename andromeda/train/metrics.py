@@ -2,7 +2,8 @@
 
 Offers `MetricsLog(run_dir, resume_step, tensorboard)` with `log(record)` and `close()`, and
 `read_metrics(run_dir)`. Train lines carry step, loss, lr, tokens_per_s, elapsed_s (and mfu
-when the device peak is known, routing statistics for MoE/MoA/MoD models); validation lines carry step, val_loss, elapsed_s.
+when the device peak is known, routing statistics for MoE/MoA/MoD models); validation lines
+carry step, val_loss, elapsed_s.
 On resume, lines past the resumed step (written after the checkpoint by the interrupted
 process) are dropped, so the file always describes one consistent history.
 """

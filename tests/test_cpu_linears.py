@@ -1,0 +1,66 @@
+"""CPU decoding linears: the layouts and the compiled one-row product of
+andromeda.infer.cpu_linears keep every value, name and tie, and the one-row product really
+is an explicit multiply-and-sum in the traced graph."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from andromeda.infer.cpu_linears import RowLinear, prepare_cpu_linears
+from andromeda.model import build_model
+from andromeda.presets import get_preset
+
+
+def traced_ops(fn, *args):
+    """The aten/torch calls dynamo records for fn(*args), and fn's result."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    names = {str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
+    return names, out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_is_a_reduction_when_compiled_and_linear_otherwise(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40, bias=bias)
+    lin.__class__ = RowLinear
+    one, many = torch.randn(1, 1, 24), torch.randn(3, 2, 24)
+    ops, out = traced_ops(lin, one)
+    assert not any("linear" in op for op in ops), ops
+    assert any("sum" in op for op in ops), ops
+    torch.testing.assert_close(out, F.linear(one, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    ops, out = traced_ops(lin, many)
+    assert any("linear" in op for op in ops), ops
+    torch.testing.assert_close(out, F.linear(many, lin.weight, lin.bias))
+    torch.testing.assert_close(lin(one), F.linear(one, lin.weight, lin.bias))  # eager: plain linear
+
+
+def test_prepare_keeps_values_names_and_ties_in_both_modes():
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny")
+    cfg.tie_embeddings = True
+    model = build_model(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        reference = model(x)
+    # Eager, then compiled; a compiled preparation is never undone (a compiled step may rely on it).
+    for compiled, expect_compiled in ((False, False), (True, True), (False, True)):
+        prepare_cpu_linears(model, compiled)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert linears and all((type(m) is RowLinear) == expect_compiled for m in linears)
+        wide = [m.weight for m in linears if m.weight.shape[0] > m.weight.shape[1] and m is not model.head]
+        assert wide and all(w.is_contiguous() == expect_compiled for w in wide)  # eager: input-major
+        assert model.head.weight is model.embed.weight and model.embed.weight.is_contiguous()
+        state = model.state_dict()
+        assert state.keys() == before.keys()
+        for k in before:
+            torch.testing.assert_close(state[k], before[k], rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
