@@ -17,6 +17,7 @@ from andromeda.data.prepare import prepare
 from andromeda.errors import UserError
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
+from andromeda.presets import get_preset
 from andromeda.train import checkpoint as ckpt
 from andromeda.train.config import TrainConfig
 from andromeda.train.flops import device_peak_flops, flops_per_token
@@ -311,6 +312,15 @@ def test_benchmark_train_reports_throughput():
     result = benchmark_train("llama-tiny", seq_len=32, batch_size=2, steps=2, compile=False, dtype="fp32",
                              device="cpu", warmup=1)
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_mem"] is None
+    # float32 weights plus AdamW's two moments per weight (and a step counter per tensor).
+    n = sum(p.numel() for p in Transformer(get_preset("llama-tiny")).parameters())
+    assert 12 * n <= result["weights_and_optimizer_bytes"] <= 12 * n + 4096
+
+
+def test_benchmark_train_takes_a_config():
+    cfg = ModelConfig.from_dict(SMALL)
+    result = benchmark_train(cfg, seq_len=16, batch_size=2, steps=1, dtype="fp32", device="cpu", warmup=1)
+    assert result["tokens_per_s"] > 0
 
 
 # ----- plot ----------------------------------------------------------------------------------

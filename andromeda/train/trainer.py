@@ -333,18 +333,19 @@ class RandomTokens:
         self.generator.set_state(state["generator"])
 
 
-def benchmark_train(preset: str, seq_len: int, batch_size: int, steps: int, compile: bool = False,
+def benchmark_train(preset, seq_len: int, batch_size: int, steps: int, compile: bool = False,
                     dtype: str = "auto", device: Optional[str] = None, warmup: int = 3) -> dict:
-    """Training throughput of a preset on random tokens: tokens/s, MFU (None when the device
-    peak is unknown) and peak GPU memory in bytes (None on CPU). Warmup steps (compilation,
-    allocator growth) are not timed. Nothing is written to disk."""
+    """Training throughput of a preset (a name or a ModelConfig) on random tokens: tokens/s,
+    MFU (None when the device peak is unknown), peak GPU memory in bytes (None on CPU) and the
+    bytes held by the weights and the optimizer state. Warmup steps (compilation, allocator
+    growth) are not timed. Nothing is written to disk."""
     import dataclasses
     import tempfile
 
     from andromeda.presets import get_preset
     from andromeda.train.config import resolve_device
 
-    model_cfg = get_preset(preset)
+    model_cfg = get_preset(preset) if isinstance(preset, str) else preset
     if seq_len > model_cfg.max_seq_len:
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=seq_len)
     cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, seq_len=seq_len, compile=compile,
@@ -366,7 +367,9 @@ def benchmark_train(preset: str, seq_len: int, batch_size: int, steps: int, comp
             trainer.train_step()  # each step ends in a host sync (the finiteness check)
         seconds = time.perf_counter() - start
     tokens_per_s = steps * batch_size * seq_len / seconds
-    return {"tokens_per_s": tokens_per_s,
+    state = [t for per_param in trainer.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *state]}
+    return {"tokens_per_s": tokens_per_s, "weights_and_optimizer_bytes": sum(held.values()),
             "mfu": mfu(tokens_per_s, trainer.flops_per_token, trainer.peak_flops),
             "peak_mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "flops_per_token": trainer.flops_per_token, "device": str(dev)}
