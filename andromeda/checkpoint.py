@@ -103,13 +103,24 @@ def save_checkpoint(dest: Path, model: Transformer, tokenizer: Optional[Tokenize
         raise UserError(f"could not write checkpoint {dest}: {e.strerror or e}") from None
 
 
+def checkpoint_folder(path: Path) -> Path:
+    """`path` itself, or, for a training run folder (no config.json of its own), the
+    checkpoint its `checkpoints/latest` points to."""
+    path = Path(path)
+    latest = path / "checkpoints" / "latest"
+    if not (path / CONFIG).exists() and (latest / CONFIG).exists():
+        return latest.resolve()  # the step folder itself: `latest` moves as training goes on
+    return path
+
+
 def read_config(folder: Path) -> dict:
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     if not folder.is_dir():
         raise UserError(f"checkpoint folder not found: {folder}")
     path = folder / CONFIG
     if not path.exists():
-        raise UserError(f"{folder} is not an andromeda checkpoint (no {CONFIG})")
+        raise UserError(f"{folder} is not an andromeda checkpoint (no {CONFIG}) nor a training run "
+                        "folder with checkpoints/latest")
     config = read_json(path, "checkpoint config")
     if config.get("format") != FORMAT:
         raise UserError(f"{path} is not an andromeda checkpoint config (format={config.get('format')!r}); "
@@ -120,7 +131,7 @@ def read_config(folder: Path) -> dict:
 def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer, Optional[Tokenizer], dict]:
     """Load (model in eval mode, tokenizer or None, config dict) from a checkpoint folder.
     Weights keep their stored dtype unless `dtype` is given."""
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     config = read_config(folder)
     cfg = ModelConfig.from_dict(config["model"])
     weights = folder / WEIGHTS

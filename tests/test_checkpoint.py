@@ -80,3 +80,23 @@ def test_half_precision_model_keeps_float32_rotary_tables():
     assert model.rotary.inv_freq.dtype == torch.float32
     model = build_model(get_preset("andromeda-tiny")).to(torch.float16)
     assert model.rotary.inv_freq.dtype == torch.float32 and model.rotary.xpos_zeta.dtype == torch.float32
+
+
+def test_a_run_folder_loads_its_latest_checkpoint(tmp_path):
+    from andromeda.train.checkpoint import point
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    models = [build_model(get_preset("llama-tiny")).eval() for _ in range(2)]
+    for step, model in enumerate(models, start=1):
+        save_checkpoint(run / "checkpoints" / f"step_{step}", model, ByteTokenizer())
+    point(run, "latest", run / "checkpoints" / "step_1")
+    x = torch.randint(0, 256, (1, 7))
+    loaded, _, _ = load_checkpoint(run)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), models[0](x))
+    point(run, "latest", run / "checkpoints" / "step_2")
+    loaded, _, _ = load_checkpoint(run)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), models[1](x))
+    with pytest.raises(UserError, match="not an andromeda checkpoint"):
+        load_checkpoint(tmp_path)

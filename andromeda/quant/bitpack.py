@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from andromeda.checkpoint import load_weights, read_config, save_checkpoint
+from andromeda.checkpoint import checkpoint_folder, load_weights, read_config, save_checkpoint
 from andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from andromeda.errors import UserError
 from andromeda.model.bitlinear import TernaryWeights, ternarize
@@ -121,7 +121,7 @@ def save_packed(dest: Path, model: Transformer, tokenizer: Optional[Tokenizer] =
 
 def load_packed(folder: Path, device="cpu") -> tuple[Transformer, Optional[Tokenizer], dict]:
     """(model in eval mode running on packed ternary weights, tokenizer or None, config)."""
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     config = read_config(folder)
     path = folder / PACKED_WEIGHTS
     if not path.exists():

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from andromeda.checkpoint import load_weights, read_config
+from andromeda.checkpoint import checkpoint_folder, load_weights, read_config
 from andromeda.errors import ConfigError, UserError
 from andromeda.jsonfile import read_json
 from andromeda.model.config import ModelConfig, apply_overrides
@@ -72,6 +72,7 @@ def resolve_run(args) -> RunPlan:
 
     model_dict, train_dict = base.get("model"), dict(base.get("train") or {})
     init = Path(args.init) if args.init else (Path(base["init"]) if base.get("init") else None)
+    init = checkpoint_folder(init) if init is not None else None
     if args.preset:
         model_dict = preset_dict(args.preset)
     elif args.config:
