@@ -75,6 +75,48 @@ def test_bitlinear_matches_quantised_dense_product():
         torch.testing.assert_close(layer(x), ref)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("in_features", [32, 30])  # packed rows: whole bytes, and not
+def test_compiled_one_row_product_matches_eager(packed, in_features):
+    """Batch-1 decoding under torch.compile on CPU takes BitLinear's reduction form (codes
+    compared against scale / 2, or read two bits at a time from the packed rows); it must
+    give the eager layer's output."""
+    from andromeda.quant.bitpack import pack_module
+    torch.manual_seed(0)
+    layer = BitLinear(in_features, 24, bias=True)
+    if packed:
+        pack_module(layer)
+    one_row, rows = torch.randn(1, 1, in_features), torch.randn(2, 3, in_features)
+    with torch.no_grad():
+        for x in (one_row, rows):
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_inference_reuses_the_quantised_weight_until_it_changes():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, bias=False)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer.__dict__["_inference_weight"][1]
+        assert layer(x) is not first and layer.__dict__["_inference_weight"][1] is cached
+        layer.weight.mul_(-1)  # an optimizer step or a load: the version moves
+        torch.testing.assert_close(layer(x), -first)
+        assert layer.__dict__["_inference_weight"][1] is not cached
+    layer(x).sum().backward()  # a training forward drops the copy
+    assert "_inference_weight" not in layer.__dict__ and layer.weight.grad is not None
+
+
+def test_dequantised_unpack_equals_codes_times_scale():
+    from andromeda.quant.bitpack import unpack_dequantized
+    codes = torch.randint(-1, 2, (3, 5, 7), dtype=torch.int8)
+    packed = pack_ternary(codes)
+    for scale in (torch.tensor([[0.25]]), torch.tensor([0.5, 2.0, 3.0]).view(3, 1, 1)):
+        torch.testing.assert_close(unpack_dequantized(packed, codes.shape, scale), codes.float() * scale)
+
+
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 17, 64])
 def test_pack_unpack_roundtrip(n):
     codes = torch.randint(-1, 2, (n,), dtype=torch.int8)

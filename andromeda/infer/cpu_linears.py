@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from andromeda.model.linear import compiled_one_row
+
 
 class RowLinear(nn.Linear):
     """nn.Linear whose single-row products, when traced by torch.compile on CPU, are an
@@ -31,7 +33,7 @@ class RowLinear(nn.Linear):
     several rows, other devices) is the plain `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1:
+        if compiled_one_row(x):
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)

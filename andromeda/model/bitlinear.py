@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from andromeda.model.linear import compiled_one_row
+
 ACT_LEVELS = 127.0  # signed 8-bit activations: [-127, 127]
 EPS = 1e-5
 
@@ -60,6 +62,26 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     return _ste(x, q)
 
 
+@torch.library.custom_op("andromeda::quantize_activation", mutates_args=())
+def quantize_activation_opaque(x: torch.Tensor, interleave: int) -> torch.Tensor:
+    """`quantize_activation` for inference, as an op the compiler cannot see into: inside a
+    compiled one-row product, Inductor would otherwise inline the quantisation into the
+    reduction and redo it for every output row. With interleave=4 the result is laid out
+    (..., 4, in / 4), element [s, j] being feature 4j + s: the order in which a packed byte
+    holds its four weights."""
+    q = quantize_activation(x)
+    if interleave == 1:
+        return q
+    return q.unflatten(-1, (-1, interleave)).transpose(-1, -2).contiguous()
+
+
+@quantize_activation_opaque.register_fake
+def _(x: torch.Tensor, interleave: int) -> torch.Tensor:
+    if interleave == 1:
+        return torch.empty_like(x)
+    return x.new_empty(*x.shape[:-1], interleave, x.shape[-1] // interleave)
+
+
 class TernaryWeights:
     """Mixin for modules whose parameters named in `ternary_params` are ternary at forward.
 
@@ -69,15 +91,24 @@ class TernaryWeights:
 
     ternary_params: tuple[str, ...] = ()
 
-    def ternary_weight(self, name: str) -> torch.Tensor:
+    def ternary_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes in {-1, 0, 1}, float32 scale) of ternary weight `name`, from the latent
+        parameter or from the packed buffers. No gradient flows through the codes."""
         packed = getattr(self, name + "_packed", None)
         if packed is None:
-            return quantize_weight(getattr(self, name))
+            return ternarize(getattr(self, name))
         from andromeda.quant.bitpack import unpack_ternary
 
-        shape = self._packed_shapes[name]
-        scale = getattr(self, name + "_scale")  # kept in the model's dtype by .to()
-        return (unpack_ternary(packed, shape).float() * scale.float()).to(scale.dtype)
+        return unpack_ternary(packed, self._packed_shapes[name]), getattr(self, name + "_scale")
+
+    def ternary_weight(self, name: str) -> torch.Tensor:
+        if getattr(self, name + "_packed", None) is None:
+            return quantize_weight(getattr(self, name))  # with the straight-through gradient
+        from andromeda.quant.bitpack import unpack_dequantized
+
+        # The scale buffer follows the model's dtype under .to(), so the weight comes out in it.
+        return unpack_dequantized(getattr(self, name + "_packed"), self._packed_shapes[name],
+                                  getattr(self, name + "_scale"))
 
 
 class BitLinear(nn.Linear, TernaryWeights):
@@ -86,6 +117,48 @@ class BitLinear(nn.Linear, TernaryWeights):
     ternary_params = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.ternary_weight("weight")
+        if compiled_one_row(x) and not torch.is_grad_enabled():
+            y = self._one_row_product(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or hasattr(self, "weight_packed"):
+            self.__dict__.pop("_inference_weight", None)  # training: no second copy of the weight
+            w = self.ternary_weight("weight")
+        else:
+            w = self._cached_ternary_weight()
         return F.linear(quantize_activation(x), w.to(x.dtype), self.bias)
 
+    def _cached_ternary_weight(self) -> torch.Tensor:
+        """Eager inference: the dequantised ternary weight, kept until the latent weight
+        changes (any in-place update bumps its version). Quantising a matrix costs several
+        full passes and allocations, many times the product itself for one-row decoding;
+        the price is one extra copy of the weight while inference runs."""
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        cached = self.__dict__.get("_inference_weight")
+        if cached is None or cached[0] != key:
+            cached = (key, self.ternary_weight("weight"))
+            self.__dict__["_inference_weight"] = cached
+        return cached[1]
+
+    def _one_row_product(self, x: torch.Tensor):
+        """Batch-1 decoding under torch.compile on CPU: (Q_x(x) . codes) * scale written as
+        reductions that read the weight once, as int2 codes when packed (four to a byte, so
+        the activations come de-interleaved to match) or as the latent floats, compared with
+        the threshold scale / 2 (what rounding w / scale to {-1, 0, 1} amounts to). None when
+        no such form applies (packed rows not a whole number of bytes)."""
+        out_f, in_f = self.out_features, self.in_features
+        packed = getattr(self, "weight_packed", None)
+        if packed is None:
+            w = self.weight.float()
+            scale = w.abs().sum(-1).mean() / in_f  # = weight_scale(w): row sums then their mean
+            half = 0.5 * scale.clamp(min=EPS)
+            codes = (w > half).to(x.dtype) - (w < -half).to(x.dtype)
+            y = (quantize_activation_opaque(x, 1).unsqueeze(-2) * codes).sum(-1)
+            return y * scale.clamp(min=EPS).to(x.dtype)
+        if in_f % 4:
+            return None
+        xq = quantize_activation_opaque(x, 4)  # (..., 4, in / 4)
+        rows = packed.view(out_f, in_f // 4)
+        y = sum((xq[..., s, None, :] * (((rows >> (2 * s)) & 3).to(x.dtype) - 1)).sum(-1) for s in range(4))
+        return y * self.weight_scale.to(x.dtype).reshape(())

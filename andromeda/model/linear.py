@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from andromeda.errors import ConfigError
 from andromeda.model.config import ModelConfig
+
+
+def compiled_one_row(x: torch.Tensor) -> bool:
+    """True while torch.compile traces a product of a single input row on CPU (batch-1
+    decoding). Linear layers then write the product as a multiply-and-sum, which Inductor
+    turns into one streaming reduction over the weight (andromeda.infer.cpu_linears)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1
 
 
 def _dense(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:

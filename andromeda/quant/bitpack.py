@@ -2,7 +2,8 @@
 
 Offers:
 - `pack_ternary(codes)` / `unpack_ternary(packed, shape)`: int8 codes in {-1, 0, 1} <-> uint8,
-  four codes per byte (code + 1 in two bits, little end first).
+  four codes per byte (code + 1 in two bits, little end first); `unpack_dequantized` gives
+  codes * scale directly.
 - `pack_module(m)` / `pack_model(model)`: replace every latent float weight of a
   `TernaryWeights` module (BitLinear, ternary experts) by `<name>_packed` + `<name>_scale`
   buffers, in place. The forward then unpacks on the fly, so resident memory for those
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,6 +54,25 @@ def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
     parts = [((packed >> s) & 3) for s in _SHIFTS]
     codes = torch.stack(parts, dim=-1).reshape(-1)[:n]
     return (codes.to(torch.int8) - 1).view(*shape)
+
+
+def _code_table(dtype, device) -> torch.Tensor:
+    """(256, 4): the four weights {-1, 0, 1} each byte value holds, in `dtype`."""
+    table = [[((b >> s) & 3) - 1 for s in _SHIFTS] for b in range(256)]
+    return torch.tensor(table, dtype=dtype, device=device)
+
+
+def unpack_dequantized(packed: torch.Tensor, shape, scale: torch.Tensor) -> torch.Tensor:
+    """codes * scale of `shape` in scale's dtype, straight from the packed bytes: one table
+    lookup per byte (an embedding gather) instead of shifting and masking each weight,
+    about twice as fast on CPU."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    table = _code_table(scale.dtype, packed.device)
+    if scale.numel() == 1:  # one matrix: fold the scale into the table, saving a full pass
+        return F.embedding(packed.to(torch.int32), table * scale.reshape(())).reshape(-1)[:n].view(*shape)
+    return F.embedding(packed.to(torch.int32), table).reshape(-1)[:n].view(*shape) * scale
 
 
 def _ternary_modules(model: nn.Module):
