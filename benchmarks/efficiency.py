@@ -9,7 +9,7 @@ Three measurements, each against its dense reference in the same run:
    parameters match the dense model's): training tokens/s (forward, backward and AdamW
    step on random tokens, `andromeda.train.trainer.benchmark_train`), the bytes held by
    weights and optimizer state, peak GPU memory (CUDA only), eval forward tokens/s and
-   batch-1 greedy decode tokens/s (`Engine`, eager).
+   batch-1 greedy decode tokens/s (`Engine`, eager; with --compile also compiled).
 2. The BitNet model packed at 2 bits per ternary weight against its unpacked twin in the
    inference dtype (bf16 on GPU, float32 on CPU): resident weight bytes and decode tokens/s.
 3. One MoE FFN (E experts, top-k, expert width h) against a dense SwiGLU FFN of width k * h
@@ -61,8 +61,8 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
-def decode_tokens_per_s(model, device, dtype, new_tokens: int, repeats: int) -> float:
-    engine = Engine(model, None, device=device, dtype=dtype)
+def decode_tokens_per_s(model, device, dtype, new_tokens: int, repeats: int, compile: bool = False) -> float:
+    engine = Engine(model, None, device=device, dtype=dtype, compile=compile)
     prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
     engine.generate([prompt], params)  # warm-up
@@ -90,13 +90,17 @@ def matched_models(args, device, train_dtype: str, infer_dtype: torch.dtype) -> 
             with torch.inference_mode():
                 model(tokens)
         eval_s = median_seconds(forward, device, 2, args.repeats)
-        rows.append({"model": name, "total_params": total, "active_params": active,
-                     "train_tokens_per_s": round(train["tokens_per_s"], 1),
-                     "weights_and_optimizer_mb": round(train["weights_and_optimizer_bytes"] / 2**20, 2),
-                     "train_peak_mem_mb": round(train["peak_mem"] / 2**20, 1) if train["peak_mem"] else None,
-                     "eval_tokens_per_s": round(tokens.numel() / eval_s, 1),
-                     "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
-                                                                      args.repeats), 1)})
+        row = {"model": name, "total_params": total, "active_params": active,
+               "train_tokens_per_s": round(train["tokens_per_s"], 1),
+               "weights_and_optimizer_mb": round(train["weights_and_optimizer_bytes"] / 2**20, 2),
+               "train_peak_mem_mb": round(train["peak_mem"] / 2**20, 1) if train["peak_mem"] else None,
+               "eval_tokens_per_s": round(tokens.numel() / eval_s, 1),
+               "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
+                                                                args.repeats), 1)}
+        if args.compile:
+            row["decode_compiled_tokens_per_s"] = round(decode_tokens_per_s(
+                model, device, infer_dtype, args.new_tokens, args.repeats, compile=True), 1)
+        rows.append(row)
         print(f"  {name}: done", file=sys.stderr)
     return rows
 
@@ -117,9 +121,13 @@ def packed_bitnet(args, device, infer_dtype: torch.dtype) -> list[dict]:
         same = (twin(x) - packed(x)).abs().max().item()
     rows = []
     for label, model in (("unpacked " + str(infer_dtype).replace("torch.", ""), twin), ("packed 2-bit", packed)):
-        rows.append({"form": label, "resident_weight_mb": round(resident_bytes(model) / 2**20, 2),
-                     "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
-                                                                      args.repeats), 1)})
+        row = {"form": label, "resident_weight_mb": round(resident_bytes(model) / 2**20, 2),
+               "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
+                                                                args.repeats), 1)}
+        if args.compile:
+            row["decode_compiled_tokens_per_s"] = round(decode_tokens_per_s(
+                model, device, infer_dtype, args.new_tokens, args.repeats, compile=True), 1)
+        rows.append(row)
     rows[0]["ternary_weights_mb_bf16"] = round(ternary_dense / 2**20, 2)
     rows[1]["ternary_weights_mb"] = round(ternary_packed / 2**20, 2)
     rows[1]["max_logit_diff_vs_unpacked"] = same
@@ -184,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-hidden", type=int, default=512)
     p.add_argument("--moe-tokens", type=int, default=8192)
+    p.add_argument("--compile", action="store_true", help="also time compiled decoding (compiles every model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")

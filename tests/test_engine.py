@@ -191,7 +191,7 @@ def test_prompt_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["llama-tiny", "andromeda-tiny"])
+@pytest.mark.parametrize("preset", ["llama-tiny", "andromeda-tiny", "moe-tiny", "anemone-tiny", "anemone-1.58-tiny"])
 def test_compiled_decoding_matches_eager(preset):
     """torch.compile'd decode steps (symbolic int positions on CPU, tensor positions for
     prompts of different lengths) give the eager engine's greedy tokens."""
@@ -217,3 +217,15 @@ def test_cuda_graph_decoding_matches_eager():
     compiled = Engine(model, ByteTokenizer(), device="cuda", dtype=torch.float32, compile=True)
     for _ in range(2):  # the second call replays the captured graphs
         assert [r.token_ids for r in compiled.generate(prompts, GREEDY)] == [r.token_ids for r in eager]
+
+
+def test_a_decode_step_that_cannot_compile_is_a_clear_error():
+    """MoE with a capacity factor drops assignments per call, so its shapes depend on the
+    routing: the compiled engine must say so in one line, not raise the compiler's error."""
+    torch.manual_seed(0)
+    cfg = get_preset("moe-tiny")
+    cfg.extras["moe"]["capacity_factor"] = 1.0
+    engine = Engine(Transformer(cfg), ByteTokenizer(), compile=True)
+    torch._dynamo.reset()
+    with pytest.raises(UserError, match="cannot be compiled.*without --compile"):
+        engine.generate(["abc"], GREEDY)

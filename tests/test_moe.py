@@ -179,3 +179,28 @@ def test_presets_command_reports_active_below_total(capsys):
     # Jamba v0.1: 52B total, 12B active (Lieber et al. 2024, table 1).
     assert abs(rows["jamba"]["total_params"] / 1e9 - 52) < 1.0
     assert abs(rows["jamba"]["active_params"] / 1e9 - 12) < 0.5
+
+
+@pytest.mark.parametrize("bitnet", [False, True])
+def test_single_token_path_equals_sorted_dispatch(bitnet):
+    """Decoding steps (one token per sequence) gather each token's experts instead of
+    sorting; both must give the same output, for MoE and for MoA."""
+    from andromeda.model.moa import MixtureOfAttentionHeads
+    torch.manual_seed(0)
+    linear = dict(mlp="bitnet", attention="bitnet") if bitnet else {}
+    cfg = tiny_config(moe=dict(num_experts=4, top_k=2, shared_expert=True), linear=linear)
+    moe = next(m for m in build_model(cfg).modules() if isinstance(m, MoE)).eval()
+    x = torch.randn(5, 1, cfg.dim)
+    with torch.no_grad():
+        flat = x.reshape(5, cfg.dim)
+        gates, ids = moe.router(flat)
+        torch.testing.assert_close(moe._per_token(flat, gates, ids), moe._sorted(flat, gates, ids))
+    moa_cfg = tiny_config(moa=dict(num_experts=4, top_k=2), linear=linear)
+    model = build_model(moa_cfg).eval()
+    assert any(isinstance(m, MixtureOfAttentionHeads) for m in model.modules())
+    seq = tokens(3, 6)
+    with torch.no_grad():
+        full = model(seq)
+        cache = model.new_cache(3, 8)
+        model(seq[:, :5], cache=cache)
+        torch.testing.assert_close(model(seq[:, 5:], cache=cache, start_pos=5), full[:, 5:], atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from andromeda.errors import UserError
 from andromeda.infer.cache import ModelCache
 
 Pos = Union[int, torch.Tensor]
@@ -53,6 +54,10 @@ class DecodeStep:
         self.fn = decode_one_token
         self.seen: set = set()  # kinds of positions this step has been compiled for
         if compile:
+            # Dynamo keys compiled graphs by code object, and every engine cache (batch size,
+            # length bucket) and every model is a new graph of this one function: a long chat
+            # or a process serving several models passes the default limit of 8 quickly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for buf in cache.buffers():
                 torch._dynamo.mark_static_address(buf)
             cuda = next(model.parameters()).device.type == "cuda"
@@ -69,7 +74,15 @@ class DecodeStep:
         # ints are specialised for 0 and 1, so only larger positions share the int graph.
         kind = "int" if isinstance(pos, int) else pos.dim()
         if kind not in self.seen or (kind == "int" and pos < 2):
-            out = self.fn(self.model, self.cache, tokens, pos)
+            try:
+                out = self.fn(self.model, self.cache, tokens, pos)
+            except (torch._dynamo.exc.TorchDynamoException,
+                    torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode) as e:
+                # A layer whose shapes depend on the data (e.g. MoE with a capacity factor)
+                # cannot be one graph; say so instead of showing the compiler's traceback.
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"this model's decode step cannot be compiled ({first[:200]}); "
+                                "run it without --compile") from None
             self.seen.add(kind)
         else:
             # Same model, same cache, same shapes at every step: re-checking the hundreds of

@@ -122,7 +122,8 @@ class BitLinear(nn.Linear, TernaryWeights):
             if y is not None:
                 return y if self.bias is None else y + self.bias
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or hasattr(self, "weight_packed"):
-            self.__dict__.pop("_inference_weight", None)  # training: no second copy of the weight
+            if not torch.compiler.is_compiling() and "_inference_weight" in self.__dict__:
+                del self.__dict__["_inference_weight"]  # training: no second copy of the weight
             w = self.ternary_weight("weight")
         else:
             w = self._cached_ternary_weight()

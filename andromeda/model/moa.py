@@ -28,7 +28,7 @@ from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
 from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
-from andromeda.model.moe import TopKRouter, combine, dispatch, grouped_matmul
+from andromeda.model.moe import TopKRouter, combine, dispatch, grouped_matmul, per_token_matmul
 
 
 @dataclass
@@ -90,15 +90,24 @@ class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
         N, k, he, hd = B * L, self.k, self.expert_heads, self.head_dim
         flat = x.reshape(N, D)
         gates, ids = self.router(flat, ctx)  # (N, k)
-        d = dispatch(ids, self.mcfg.num_experts)
-        xs = flat.index_select(0, d.token)
-        q_sorted = grouped_matmul(quantize_activation(xs) if self.bitnet else xs, self._weight("w_q"), d.counts)
-        q = q_sorted.new_zeros(N * k, self.q_width).index_copy(0, d.order, q_sorted)  # back to (token, slot)
+        per_token = L == 1  # decoding: gather each token's experts (no sort; compiles)
+        if per_token:
+            xs = flat.repeat_interleave(k, dim=0)  # (token, slot) order
+            q = per_token_matmul(quantize_activation(xs) if self.bitnet else xs, self._weight("w_q"), ids)
+        else:
+            d = dispatch(ids, self.mcfg.num_experts)
+            xs = flat.index_select(0, d.token)
+            q_sorted = grouped_matmul(quantize_activation(xs) if self.bitnet else xs, self._weight("w_q"), d.counts)
+            q = q_sorted.new_zeros(N * k, self.q_width).index_copy(0, d.order, q_sorted)  # back to (token, slot)
         q = q.view(B, L, k, he, hd).permute(0, 3, 2, 1, 4).reshape(B, he * k, L, hd)  # head-major heads
         kv = self.wkv(x).view(B, L, 2, self.kv_heads, hd)
         key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, KVH, L, hd)
         out = self._attend_heads(q, key, value, ctx, cache)  # (B, he*k, L, hd)
         out = out.view(B, he, k, L, hd).permute(0, 3, 2, 1, 4).reshape(N * k, self.q_width)
+        if per_token:
+            o = quantize_activation(out) if self.bitnet else out
+            y = (per_token_matmul(o, self._weight("w_o"), ids).view(N, k, D) * gates[..., None]).sum(dim=1)
+            return y.view(B, L, D)
         o_sorted = out.index_select(0, d.order)
         if self.bitnet:
             o_sorted = quantize_activation(o_sorted)

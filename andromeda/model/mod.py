@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from andromeda.errors import check
+from andromeda.infer.cache import recurrent_buffers
 from andromeda.model.config import ModelConfig
 from andromeda.model.layout import parse_family
 from andromeda.model.linear import make_linear
@@ -129,6 +130,8 @@ class MoDBlock(nn.Module):
         ctx.stats[f"mod_fraction/layer{self.layer_idx}"] = chosen.float().mean().detach()
         if state is None:
             return self._uncached_forward(x, ctx, chosen, weight)
+        if x.shape[1] == 1:
+            return self._decode_forward(x, ctx, state, chosen, weight)
         out = x.clone()
         for b in range(B):  # sequences route different numbers of tokens
             sel = chosen[b].nonzero().squeeze(1)
@@ -164,3 +167,23 @@ class MoDBlock(nn.Module):
         y = self.block(sub, self._sub_context(ctx, 0, C, x.device, x.dtype, doc))
         delta = (y - sub) * (weight.gather(1, order) * valid)[..., None]
         return x.scatter_add(1, gather, delta)
+
+    def _decode_forward(self, x, ctx, state, chosen, weight):
+        """One token per sequence (decoding), with no shape that depends on the routing, so
+        the step compiles into one graph. Every row runs the block at its own routed position
+        (`state.count`); a row whose token skips the block keeps its residual stream and gets
+        its recurrent block states (token shift, Mamba) back. Its attention write lands in
+        the slot its next routed token will overwrite, which no query reads before then."""
+        pos = state.count.clone()  # (B,) where each row's next routed token goes
+        positions = pos[:, None]
+        rotary = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        sub_ctx = dataclasses.replace(ctx, positions=positions, start_pos=pos, rotary=rotary,
+                                      plain_causal=False, doc_ids=None)
+        recurrent = recurrent_buffers(state.block)
+        saved = [buf.clone() for buf in recurrent]
+        y = self.block(x, sub_ctx, state.block)
+        keep = chosen[:, 0]
+        for buf, old in zip(recurrent, saved):
+            buf.copy_(torch.where(keep.view(-1, *([1] * (buf.dim() - 1))), buf, old))
+        state.count += keep
+        return x + (y - x) * (weight * chosen.to(weight.dtype))[..., None]

@@ -131,6 +131,14 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
+def per_token_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (N * k, i) in (token, slot) order, w (E, i, o), ids (N, k) -> (N * k, o): row n*k + j
+    uses w[ids[n, j]]. Gathers each row's expert matrix instead of sorting by expert: for
+    the few tokens of a decoding step that reads exactly the chosen experts, and no shape
+    depends on the routing, so the step compiles into one graph."""
+    return torch.bmm(x.unsqueeze(1), w[ids.reshape(-1)].to(x.dtype)).squeeze(1)
+
+
 def combine(y: torch.Tensor, gates: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
     """Weight each sorted result by its gate and sum the k results of every token."""
     y = y * gates.reshape(-1)[d.order, None]
@@ -179,19 +187,36 @@ class MoE(nn.Module, TernaryWeights):
         B, L, D = x.shape
         flat = x.reshape(B * L, D)
         gates, ids = self.router(flat, ctx)  # (N, k)
-        d = dispatch(ids, self.mcfg.num_experts, self._capacity(B * L))
-        xs = flat.index_select(0, d.token)  # (M, D)
-        if self.bitnet:
-            xs = quantize_activation(xs)
-        h = grouped_matmul(xs, self._weight("w_in"), d.counts)
+        if L == 1 and self.mcfg.capacity_factor is None:  # decoding: one token per sequence
+            y = self._per_token(flat, gates, ids)
+        else:
+            y = self._sorted(flat, gates, ids)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(B, L, D)
+
+    def _experts_act(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
+        return quantize_activation(h) if self.bitnet else h
+
+    def _per_token(self, flat: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        N, k = ids.shape
+        xs = flat.repeat_interleave(k, dim=0)  # (N * k, D): row n*k + j is token n for slot j
         if self.bitnet:
-            h = quantize_activation(h)
-        y = combine(grouped_matmul(h, self._weight("w_out"), d.counts), gates, d, B * L)
-        if self.shared is not None:
-            y = y + self.shared(flat)
-        return y.view(B, L, D)
+            xs = quantize_activation(xs)
+        h = self._experts_act(per_token_matmul(xs, self._weight("w_in"), ids))
+        y = per_token_matmul(h, self._weight("w_out"), ids).view(N, k, -1)
+        return (y * gates[..., None]).sum(dim=1)
+
+    def _sorted(self, flat: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        N = flat.shape[0]
+        d = dispatch(ids, self.mcfg.num_experts, self._capacity(N))
+        xs = flat.index_select(0, d.token)  # (M, D)
+        if self.bitnet:
+            xs = quantize_activation(xs)
+        h = self._experts_act(grouped_matmul(xs, self._weight("w_in"), d.counts))
+        return combine(grouped_matmul(h, self._weight("w_out"), d.counts), gates, d, N)
