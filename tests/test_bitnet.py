@@ -100,13 +100,13 @@ def test_eager_inference_reuses_the_quantised_weight_until_it_changes():
     x = torch.randn(2, 16)
     with torch.no_grad():
         first = layer(x)
-        cached = layer.__dict__["_inference_weight"][1]
-        assert layer(x) is not first and layer.__dict__["_inference_weight"][1] is cached
+        cached = layer._inference_weights["weight"][1]
+        assert layer(x) is not first and layer._inference_weights["weight"][1] is cached
         layer.weight.mul_(-1)  # an optimizer step or a load: the version moves
         torch.testing.assert_close(layer(x), -first)
-        assert layer.__dict__["_inference_weight"][1] is not cached
+        assert layer._inference_weights["weight"][1] is not cached
     layer(x).sum().backward()  # a training forward drops the copy
-    assert "_inference_weight" not in layer.__dict__ and layer.weight.grad is not None
+    assert not layer._inference_weights and layer.weight.grad is not None
 
 
 def test_dequantised_unpack_equals_codes_times_scale():

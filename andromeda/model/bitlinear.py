@@ -102,13 +102,31 @@ class TernaryWeights:
         return unpack_ternary(packed, self._packed_shapes[name]), getattr(self, name + "_scale")
 
     def ternary_weight(self, name: str) -> torch.Tensor:
-        if getattr(self, name + "_packed", None) is None:
-            return quantize_weight(getattr(self, name))  # with the straight-through gradient
-        from andromeda.quant.bitpack import unpack_dequantized
+        """The dequantised ternary weight `name` (codes * scale) in the model's dtype.
 
-        # The scale buffer follows the model's dtype under .to(), so the weight comes out in it.
-        return unpack_dequantized(getattr(self, name + "_packed"), self._packed_shapes[name],
-                                  getattr(self, name + "_scale"))
+        Training (autograd on): quantised at every call, with the straight-through gradient.
+        Eager inference: quantised once and kept until the latent weight changes (any
+        in-place update bumps its version); quantising a matrix costs several full passes
+        and allocations, many times a one-row product. The price is one extra copy of the
+        weight while inference runs; the next training forward drops it. Packed weights are
+        dequantised at every call, so only their 2-bit form stays resident."""
+        packed = getattr(self, name + "_packed", None)
+        if packed is not None:
+            from andromeda.quant.bitpack import unpack_dequantized
+
+            # The scale buffer follows the model's dtype under .to(), so the weight comes out in it.
+            return unpack_dequantized(packed, self._packed_shapes[name], getattr(self, name + "_scale"))
+        latent = getattr(self, name)
+        if torch.compiler.is_compiling():
+            return quantize_weight(latent)
+        cache = self.__dict__.setdefault("_inference_weights", {})
+        if torch.is_grad_enabled():
+            cache.clear()
+            return quantize_weight(latent)
+        key = (latent._version, latent.data_ptr(), latent.dtype, latent.device)
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, quantize_weight(latent))
+        return cache[name][1]
 
 
 class BitLinear(nn.Linear, TernaryWeights):
@@ -121,26 +139,7 @@ class BitLinear(nn.Linear, TernaryWeights):
             y = self._one_row_product(x)
             if y is not None:
                 return y if self.bias is None else y + self.bias
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or hasattr(self, "weight_packed"):
-            if not torch.compiler.is_compiling() and "_inference_weight" in self.__dict__:
-                del self.__dict__["_inference_weight"]  # training: no second copy of the weight
-            w = self.ternary_weight("weight")
-        else:
-            w = self._cached_ternary_weight()
-        return F.linear(quantize_activation(x), w.to(x.dtype), self.bias)
-
-    def _cached_ternary_weight(self) -> torch.Tensor:
-        """Eager inference: the dequantised ternary weight, kept until the latent weight
-        changes (any in-place update bumps its version). Quantising a matrix costs several
-        full passes and allocations, many times the product itself for one-row decoding;
-        the price is one extra copy of the weight while inference runs."""
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        cached = self.__dict__.get("_inference_weight")
-        if cached is None or cached[0] != key:
-            cached = (key, self.ternary_weight("weight"))
-            self.__dict__["_inference_weight"] = cached
-        return cached[1]
+        return F.linear(quantize_activation(x), self.ternary_weight("weight").to(x.dtype), self.bias)
 
     def _one_row_product(self, x: torch.Tensor):
         """Batch-1 decoding under torch.compile on CPU: (Q_x(x) . codes) * scale written as

@@ -28,7 +28,7 @@ from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
 from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
-from andromeda.model.moe import TopKRouter, combine, dispatch, grouped_matmul, per_token_matmul
+from andromeda.model.moe import TopKRouter, chosen_experts, combine, dispatch, grouped_matmul, per_token_matmul
 
 
 @dataclass
@@ -93,7 +93,7 @@ class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
         per_token = L == 1  # decoding: gather each token's experts (no sort; compiles)
         if per_token:
             xs = flat.repeat_interleave(k, dim=0)  # (token, slot) order
-            q = per_token_matmul(quantize_activation(xs) if self.bitnet else xs, self._weight("w_q"), ids)
+            q = per_token_matmul(quantize_activation(xs) if self.bitnet else xs, chosen_experts(self, "w_q", ids))
         else:
             d = dispatch(ids, self.mcfg.num_experts)
             xs = flat.index_select(0, d.token)
@@ -106,7 +106,7 @@ class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
         out = out.view(B, he, k, L, hd).permute(0, 3, 2, 1, 4).reshape(N * k, self.q_width)
         if per_token:
             o = quantize_activation(out) if self.bitnet else out
-            y = (per_token_matmul(o, self._weight("w_o"), ids).view(N, k, D) * gates[..., None]).sum(dim=1)
+            y = (per_token_matmul(o, chosen_experts(self, "w_o", ids)).view(N, k, D) * gates[..., None]).sum(dim=1)
             return y.view(B, L, D)
         o_sorted = out.index_select(0, d.order)
         if self.bitnet:

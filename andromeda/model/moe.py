@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from andromeda.errors import check
-from andromeda.model.bitlinear import TernaryWeights, quantize_activation
+from andromeda.model.bitlinear import TernaryWeights, quantize_activation, quantize_weight
 from andromeda.model.config import ModelConfig
 from andromeda.model.layout import parse_family
 from andromeda.model.linear import linear_kind, make_linear
@@ -131,12 +131,22 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
-def per_token_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (N * k, i) in (token, slot) order, w (E, i, o), ids (N, k) -> (N * k, o): row n*k + j
-    uses w[ids[n, j]]. Gathers each row's expert matrix instead of sorting by expert: for
-    the few tokens of a decoding step that reads exactly the chosen experts, and no shape
-    depends on the routing, so the step compiles into one graph."""
-    return torch.bmm(x.unsqueeze(1), w[ids.reshape(-1)].to(x.dtype)).squeeze(1)
+def chosen_experts(module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """(N * k, i, o): the weight `name` (E, i, o) of each assignment's expert, ids (N, k) in
+    (token, slot) order. A ternary stack is quantised after the gather when compiling (only
+    the chosen experts are read; the scale is per expert, so the result is the same)."""
+    flat = ids.reshape(-1)
+    if module.bitnet and torch.compiler.is_compiling() and name in module._parameters:
+        return quantize_weight(getattr(module, name)[flat])
+    return module._weight(name)[flat]
+
+
+def per_token_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (N * k, i) in (token, slot) order, w (N * k, i, o) each row's expert matrix ->
+    (N * k, o). Gathering each row's expert instead of sorting by expert reads exactly the
+    chosen experts for the few tokens of a decoding step, and no shape depends on the
+    routing, so the step compiles into one graph."""
+    return torch.bmm(x.unsqueeze(1), w.to(x.dtype)).squeeze(1)
 
 
 def combine(y: torch.Tensor, gates: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
@@ -208,8 +218,8 @@ class MoE(nn.Module, TernaryWeights):
         xs = flat.repeat_interleave(k, dim=0)  # (N * k, D): row n*k + j is token n for slot j
         if self.bitnet:
             xs = quantize_activation(xs)
-        h = self._experts_act(per_token_matmul(xs, self._weight("w_in"), ids))
-        y = per_token_matmul(h, self._weight("w_out"), ids).view(N, k, -1)
+        h = self._experts_act(per_token_matmul(xs, chosen_experts(self, "w_in", ids)))
+        y = per_token_matmul(h, chosen_experts(self, "w_out", ids)).view(N, k, -1)
         return (y * gates[..., None]).sum(dim=1)
 
     def _sorted(self, flat: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
