@@ -37,7 +37,9 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--draft", metavar="CKPT", help="draft checkpoint for speculative decoding")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CUDA graphs on GPU, fused one-row products on CPU); "
+                        "the first steps wait for compilation, so it pays off for long generations")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill long prompts in chunks of this many tokens")
@@ -86,6 +88,10 @@ def build_engine(args):
         draft, _, draft_config = load_checkpoint(Path(args.draft))
         if draft_config.get("tokenizer") != config.get("tokenizer"):
             raise UserError(f"draft {args.draft} does not share the tokenizer of {args.ckpt}")
+    if args.compile:
+        # The first decode step of each cache size compiles: say why the output pauses.
+        print("andromeda: --compile: the first tokens wait for compilation (seconds on GPU, "
+              "tens of seconds on a small CPU); later steps run the compiled graph", file=sys.stderr)
     return Engine(model, tokenizer, device=device, dtype=dtype, compile=args.compile, draft=draft,
                   draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk, truncate_prompt=args.truncate)
 
