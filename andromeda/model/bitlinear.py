@@ -91,16 +91,6 @@ class TernaryWeights:
 
     ternary_params: tuple[str, ...] = ()
 
-    def ternary_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes in {-1, 0, 1}, float32 scale) of ternary weight `name`, from the latent
-        parameter or from the packed buffers. No gradient flows through the codes."""
-        packed = getattr(self, name + "_packed", None)
-        if packed is None:
-            return ternarize(getattr(self, name))
-        from andromeda.quant.bitpack import unpack_ternary
-
-        return unpack_ternary(packed, self._packed_shapes[name]), getattr(self, name + "_scale")
-
     def ternary_weight(self, name: str) -> torch.Tensor:
         """The dequantised ternary weight `name` (codes * scale) in the model's dtype.
 
