@@ -199,15 +199,12 @@ class Engine:
 
     def cache_for(self, model, batch: int, max_len: int):
         """A reusable cache (and its decode step) for `batch` rows of `max_len` positions.
-        Compiled steps are specialised to the cache's length, so lengths are bucketed: powers
-        of two on GPU (few CUDA graphs; each step reads the whole buffer there), multiples of
-        64 on CPU."""
+        Compiled steps are specialised to the cache's length, so lengths are bucketed to
+        powers of two (at least 256): a conversation whose history grows recompiles a
+        logarithmic number of times. On GPU each step reads the whole buffer (CUDA graphs);
+        on CPU, equal-length batches read only the filled prefix, so the spare room is free."""
         if self.compile:
-            if self.device.type == "cuda":
-                max_len = max(256, 1 << (max_len - 1).bit_length())
-            else:
-                max_len = -(-max_len // 64) * 64
-            max_len = min(max_len, self.max_seq_len)
+            max_len = min(max(256, 1 << (max_len - 1).bit_length()), self.max_seq_len)
         key = (id(model), batch, max_len)
         if key not in self._caches:
             if not self.compile:  # eager caches are cheap to remake: keep one per model
