@@ -10,7 +10,9 @@ head; 43 MB in float32, more than the L3) and times, per token, all 25 products:
   each layout (what compiled decoding does, over (out, in));
 - a plain `W.sum()` of every weight: the machine's streaming rate, the floor.
 
-    .venv/bin/python benchmarks/cpu_gemv.py [--threads 1] [--iters 200]
+    .venv/bin/python benchmarks/cpu_gemv.py [--threads 1] [--iters 200] [--rows 1]
+
+With --rows N the products take N rows at once (decoding a batch of N).
 """
 
 from __future__ import annotations
@@ -37,21 +39,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--rows", type=int, default=1, help="rows per product (the decoding batch)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out_in = [torch.randn(o, i) for o, i in SHAPES]
     input_major = [w.t().contiguous().t() for w in out_in]
     mixed = [t if w.shape[0] > w.shape[1] else w for w, t in zip(out_in, input_major)]
-    rows = {i: torch.randn(1, i) for i in {s[1] for s in SHAPES}}
+    if args.rows < 1 or args.iters < 1:
+        raise SystemExit("error: --rows and --iters must be >= 1")
+    rows = {i: torch.randn(args.rows, i) for i in {s[1] for s in SHAPES}}
     megabytes = sum(w.numel() * 4 for w in out_in) / 1e6
 
     def linears(ws):
         return lambda: [F.linear(rows[w.shape[1]], w) for w in ws]
 
     def reductions(*ws):
-        return [(rows[w.shape[1]] * w).sum(-1) for w in ws]
+        return [(rows[w.shape[1]][:, None, :] * w).sum(-1) for w in ws]
     compiled = torch.compile(reductions, dynamic=False)
+
+    def compiled_linears(*ws):
+        return [F.linear(rows[w.shape[1]], w) for w in ws]
+    compiled_linear = torch.compile(compiled_linears, dynamic=False)
 
     results = {
         "F.linear, (out, in)": per_call_ms(linears(out_in), args.iters),
@@ -59,9 +68,11 @@ def main(argv=None) -> int:
         "F.linear, widening input-major (eager engine)": per_call_ms(linears(mixed), args.iters),
         "compiled mul-sum, (out, in) (compiled engine)": per_call_ms(lambda: compiled(*out_in), args.iters),
         "compiled mul-sum, input-major": per_call_ms(lambda: compiled(*input_major), args.iters),
+        "compiled F.linear, (out, in)": per_call_ms(lambda: compiled_linear(*out_in), args.iters),
         "W.sum() (streaming floor)": per_call_ms(lambda: [w.sum() for w in out_in], args.iters),
     }
-    print(f"{len(SHAPES)} one-row products over {megabytes:.1f} MB of float32 weights, {args.threads} thread(s)")
+    print(f"{len(SHAPES)} products of {args.rows} row(s) over {megabytes:.1f} MB of float32 weights, "
+          f"{args.threads} thread(s)")
     for name, ms in results.items():
         print(f"  {name:48s} {ms:6.2f} ms   {megabytes / ms:5.1f} GB/s")
     return 0

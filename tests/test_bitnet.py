@@ -86,9 +86,9 @@ def test_compiled_one_row_product_matches_eager(packed, in_features):
     layer = BitLinear(in_features, 24, bias=True)
     if packed:
         pack_module(layer)
-    one_row, rows = torch.randn(1, 1, in_features), torch.randn(2, 3, in_features)
+    one_row, few, rows = torch.randn(1, 1, in_features), torch.randn(3, 1, in_features), torch.randn(2, 3, in_features)
     with torch.no_grad():
-        for x in (one_row, rows):
+        for x in (one_row, few, rows):
             torch._dynamo.reset()
             compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -26,19 +26,20 @@ def traced_ops(fn, *args):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_is_a_reduction_when_compiled_and_linear_otherwise(bias):
+def test_few_rows_are_a_reduction_when_compiled_and_linear_otherwise(bias):
     torch.manual_seed(0)
     lin = nn.Linear(24, 40, bias=bias)
     lin.__class__ = RowLinear
-    one, many = torch.randn(1, 1, 24), torch.randn(3, 2, 24)
-    ops, out = traced_ops(lin, one)
-    assert not any("linear" in op for op in ops), ops
-    assert any("sum" in op for op in ops), ops
-    torch.testing.assert_close(out, F.linear(one, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    many = torch.randn(3, 2, 24)  # 6 rows > REDUCTION_MAX_ROWS
+    for few in (torch.randn(1, 1, 24), torch.randn(4, 1, 24)):
+        ops, out = traced_ops(lin, few)
+        assert not any("linear" in op for op in ops), ops
+        assert any("sum" in op for op in ops), ops
+        torch.testing.assert_close(out, F.linear(few, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
     ops, out = traced_ops(lin, many)
     assert any("linear" in op for op in ops), ops
     torch.testing.assert_close(out, F.linear(many, lin.weight, lin.bias))
-    torch.testing.assert_close(lin(one), F.linear(one, lin.weight, lin.bias))  # eager: plain linear
+    torch.testing.assert_close(lin(few), F.linear(few, lin.weight, lin.bias))  # eager: plain linear
 
 
 def test_prepare_keeps_values_names_and_ties_in_both_modes():

@@ -1,4 +1,4 @@
-"""How linear layers run one-row products (batch-1 decoding) on CPU.
+"""How linear layers run one-row products (small-batch decoding) on CPU.
 
 Decoding one token multiplies one row by every weight matrix, so each step streams all the
 weights from memory; the product's speed is the speed at which it reads them. Measured on
@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.model.linear import compiled_one_row
+from andromeda.model.linear import compiled_few_rows
 
 
 class RowLinear(nn.Linear):
-    """nn.Linear whose single-row products, when traced by torch.compile on CPU, are an
-    explicit multiply-and-sum (see the module docstring). Anything else (eager calls,
-    several rows, other devices) is the plain `F.linear`."""
+    """nn.Linear whose products of at most REDUCTION_MAX_ROWS rows, when traced by
+    torch.compile on CPU, are an explicit multiply-and-sum (see the module docstring).
+    Anything else (eager calls, more rows, other devices) is the plain `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiled_one_row(x):
+        if compiled_few_rows(x):
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.model.linear import compiled_one_row
+from andromeda.model.linear import compiled_few_rows
 
 ACT_LEVELS = 127.0  # signed 8-bit activations: [-127, 127]
 EPS = 1e-5
@@ -125,14 +125,14 @@ class BitLinear(nn.Linear, TernaryWeights):
     ternary_params = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiled_one_row(x) and not torch.is_grad_enabled():
+        if compiled_few_rows(x) and not torch.is_grad_enabled():
             y = self._one_row_product(x)
             if y is not None:
                 return y if self.bias is None else y + self.bias
         return F.linear(quantize_activation(x), self.ternary_weight("weight").to(x.dtype), self.bias)
 
     def _one_row_product(self, x: torch.Tensor):
-        """Batch-1 decoding under torch.compile on CPU: (Q_x(x) . codes) * scale written as
+        """Small-batch decoding under torch.compile on CPU: (Q_x(x) . codes) * scale written as
         reductions that read the weight once, as int2 codes when packed (four to a byte, so
         the activations come de-interleaved to match) or as the latent floats, compared with
         the threshold scale / 2 (what rounding w / scale to {-1, 0, 1} amounts to). None when

@@ -16,12 +16,18 @@ from torch import nn
 from andromeda.errors import ConfigError
 from andromeda.model.config import ModelConfig
 
+REDUCTION_MAX_ROWS = 4
+"""Up to this many input rows (decoding batches of 1-4), a compiled CPU product as a reduction
+beats the compiled `F.linear` over the same (out, in) layout; from 8 rows on it does not
+(`benchmarks/cpu_gemv.py --rows N`)."""
 
-def compiled_one_row(x: torch.Tensor) -> bool:
-    """True while torch.compile traces a product of a single input row on CPU (batch-1
-    decoding). Linear layers then write the product as a multiply-and-sum, which Inductor
-    turns into one streaming reduction over the weight (andromeda.infer.cpu_linears)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() == 1
+
+def compiled_few_rows(x: torch.Tensor) -> bool:
+    """True while torch.compile traces a product of at most REDUCTION_MAX_ROWS input rows on
+    CPU (decoding a small batch). Linear layers then write the product as a multiply-and-sum,
+    which Inductor turns into one streaming reduction over the weight per row
+    (andromeda.infer.cpu_linears)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x[..., 0].numel() <= REDUCTION_MAX_ROWS
 
 
 def _dense(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
