@@ -200,7 +200,11 @@ def test_compiled_decoding_matches_eager(preset):
     eager = Engine(model, ByteTokenizer()).generate(prompts, GREEDY)
     compiled = Engine(model, ByteTokenizer(), compile=True)
     # Batch 1: the one-row products are compiled as multiply-and-sum reductions.
-    assert compiled.generate(prompts[2:], GREEDY)[0].token_ids == eager[2].token_ids
+    first = compiled.generate(prompts[2:], GREEDY)[0]
+    assert first.token_ids == eager[2].token_ids
+    again = compiled.generate(prompts[2:], GREEDY)[0]  # same cache and step: nothing to compile
+    assert first.compile_ms > 0 and "compile_ms" in first.to_json()
+    assert again.compile_ms == 0 and "compile_ms" not in again.to_json()
     assert [r.token_ids for r in compiled.generate(prompts[:2], GREEDY)] == [r.token_ids for r in eager[:2]]
     assert [r.token_ids for r in compiled.generate(prompts, GREEDY)] == [r.token_ids for r in eager]
     # One cache serving equal lengths (int positions) and then different lengths (tensor positions).

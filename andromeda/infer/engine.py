@@ -45,6 +45,7 @@ class GenerationResult:
     prefill_ms: float
     decode_tokens_per_s: float
     acceptance_rate: Optional[float] = None  # speculative decoding: accepted / proposed draft tokens
+    compile_ms: float = 0.0  # compiling the decode step during this request (not in the decode rate)
 
     def to_json(self) -> dict:
         out = {"text": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
@@ -52,6 +53,8 @@ class GenerationResult:
                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "finish_reason": self.finish_reason}
         if self.acceptance_rate is not None:
             out["acceptance_rate"] = round(self.acceptance_rate, 4)
+        if self.compile_ms:
+            out["compile_ms"] = round(self.compile_ms, 1)
         return out
 
 
@@ -107,14 +110,16 @@ class _Sequence:
         return piece
 
     def result(self, prefill_ms: float, decode_start: float, extra_piece: str = "",
-               acceptance: Optional[float] = None) -> tuple[str, GenerationResult]:
+               acceptance: Optional[float] = None, compile_s: float = 0.0) -> tuple[str, GenerationResult]:
         tail = self.tracker.flush() if self.tracker is not None else ""
         text = self.tracker.text if self.tracker is not None else ""
-        elapsed = max((self.decode_end or time.perf_counter()) - decode_start, 1e-9)
-        # The first token comes out of the prefill; the decode rate counts the others.
+        elapsed = max((self.decode_end or time.perf_counter()) - decode_start - compile_s, 1e-9)
+        # The first token comes out of the prefill; the decode rate counts the others (and
+        # leaves out the time spent compiling the decode step, reported on its own).
         rate = max(len(self.ids) - 1, 0) / elapsed
         return extra_piece + tail, GenerationResult(text, list(self.ids), self.prompt_len, len(self.ids),
-                                                    self.finish_reason or "length", prefill_ms, rate, acceptance)
+                                                    self.finish_reason or "length", prefill_ms, rate, acceptance,
+                                                    compile_s * 1000)
 
 
 class Engine:
@@ -247,6 +252,7 @@ class Engine:
         tokens = pick(logits_to_probs(logits, params, seen), params, gens)  # (B,)
         synchronize(dev)
         decode_start = time.perf_counter()
+        compiled_before = step.compile_seconds
         prefill_ms = (decode_start - t0) * 1000
 
         # Equal lengths share one int position (reads stop at the filled prefix); CUDA graphs
@@ -281,7 +287,8 @@ class Engine:
                     piece = "".join(seq.add(tok) for tok in host[b])
                     if seq.finish_reason is not None:
                         seq.decode_end = now
-                        tail, result = seq.result(prefill_ms, decode_start, piece)
+                        tail, result = seq.result(prefill_ms, decode_start, piece,
+                                                  compile_s=step.compile_seconds - compiled_before)
                         yield StreamEvent(b, tail, result)
                     elif piece:
                         yield StreamEvent(b, piece)
@@ -291,5 +298,6 @@ class Engine:
         for b, seq in enumerate(seqs):  # budget reached by every remaining row
             if seq.finish_reason is None:
                 seq.decode_end = now
-                tail, result = seq.result(prefill_ms, decode_start)
+                tail, result = seq.result(prefill_ms, decode_start,
+                                          compile_s=step.compile_seconds - compiled_before)
                 yield StreamEvent(b, tail, result)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,7 @@ class DecodeStep:
         self.model, self.cache, self.compiled = model, cache, compile
         self.fn = decode_one_token
         self.seen: set = set()  # kinds of positions this step has been compiled for
+        self.compile_seconds = 0.0  # wall time of the calls that compiled (first of each kind)
         if compile:
             # Dynamo keys compiled graphs by code object, and every engine cache (batch size,
             # length bucket) and every model is a new graph of this one function: a long chat
@@ -74,6 +76,7 @@ class DecodeStep:
         # ints are specialised for 0 and 1, so only larger positions share the int graph.
         kind = "int" if isinstance(pos, int) else pos.dim()
         if kind not in self.seen or (kind == "int" and pos < 2):
+            started = time.perf_counter()
             try:
                 out = self.fn(self.model, self.cache, tokens, pos)
             except (torch._dynamo.exc.TorchDynamoException,
@@ -83,6 +86,8 @@ class DecodeStep:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"this model's decode step cannot be compiled ({first[:200]}); "
                                 "run it without --compile") from None
+            if kind not in self.seen:
+                self.compile_seconds += time.perf_counter() - started
             self.seen.add(kind)
         else:
             # Same model, same cache, same shapes at every step: re-checking the hundreds of
