@@ -38,7 +38,7 @@ part decode andromeda bench decode --preset llama --batch 1,8,32 --prompt-len 16
 part train bash -c 'andromeda bench train --preset gpt2 --seq 1024 --batch 16 --steps 20 --compile --json &&
   andromeda bench train --preset andromeda --seq 8192 --batch 4 --steps 10 --compile --json'
 part efficiency python benchmarks/efficiency.py --device cuda --dim 1024 --depth 8 --seq-len 1024 \
-  --batch-size 8 --expert-hidden 2048 --moe-tokens 65536 --json "$OUT/efficiency.json"
+  --batch-size 8 --expert-hidden 2048 --moe-tokens 65536 --compile --json "$OUT/efficiency.json"
 part shakespeare env OUT="$OUT/shakespeare-char" bash benchmarks/shakespeare_char.sh
 
 if [ ${#failed[@]} -gt 0 ]; then
