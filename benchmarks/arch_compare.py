@@ -35,6 +35,7 @@ Offers `MODELS`, `model_dict`, `match_ffn_width`, `model_configs`, `param_summar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -334,11 +335,9 @@ def prepare_data(text: Path, out: Path) -> Path:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:  # Linux names the CPU model here; platform.processor() is often empty
+    with contextlib.suppress(OSError, StopIteration):  # Linux names the CPU model here
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 

@@ -34,31 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch_compare import model_configs  # noqa: E402  (the same matching rule as the loss comparison)
 
+from andromeda.commands.bench import median_ms  # noqa: E402
 from andromeda.infer.engine import Engine  # noqa: E402
 from andromeda.infer.sampling import SamplingParams  # noqa: E402
 from andromeda.model import ModelConfig, build_model, count_parameters  # noqa: E402
+from andromeda.model.transformer import Context  # noqa: E402
 from andromeda.train.trainer import benchmark_train  # noqa: E402
 
 PROMPT = 16  # decode prompt length
 MODELS = ["dense", "moe", "jamba", "bitnet", "anemone-bf16", "anemone"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode_tokens_per_s(model, device, dtype, new_tokens: int, repeats: int, compile: bool = False) -> float:
@@ -67,6 +51,15 @@ def decode_tokens_per_s(model, device, dtype, new_tokens: int, repeats: int, com
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
     engine.generate([prompt], params)  # warm-up
     return statistics.median(engine.generate([prompt], params)[0].decode_tokens_per_s for _ in range(repeats))
+
+
+def decode_columns(model, args, device, dtype) -> dict:
+    """Batch-1 decode tokens/s, eager, and compiled with --compile."""
+    out = {"decode_tokens_per_s": round(decode_tokens_per_s(model, device, dtype, args.new_tokens, args.repeats), 1)}
+    if args.compile:
+        out["decode_compiled_tokens_per_s"] = round(decode_tokens_per_s(
+            model, device, dtype, args.new_tokens, args.repeats, compile=True), 1)
+    return out
 
 
 def resident_bytes(model) -> int:
@@ -89,18 +82,13 @@ def matched_models(args, device, train_dtype: str, infer_dtype: torch.dtype) -> 
         def forward():
             with torch.inference_mode():
                 model(tokens)
-        eval_s = median_seconds(forward, device, 2, args.repeats)
-        row = {"model": name, "total_params": total, "active_params": active,
+        eval_ms = median_ms(forward, device, 2, args.repeats)
+        rows.append({"model": name, "total_params": total, "active_params": active,
                "train_tokens_per_s": round(train["tokens_per_s"], 1),
                "weights_and_optimizer_mb": round(train["weights_and_optimizer_bytes"] / 2**20, 2),
                "train_peak_mem_mb": round(train["peak_mem"] / 2**20, 1) if train["peak_mem"] else None,
-               "eval_tokens_per_s": round(tokens.numel() / eval_s, 1),
-               "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
-                                                                args.repeats), 1)}
-        if args.compile:
-            row["decode_compiled_tokens_per_s"] = round(decode_tokens_per_s(
-                model, device, infer_dtype, args.new_tokens, args.repeats, compile=True), 1)
-        rows.append(row)
+               "eval_tokens_per_s": round(tokens.numel() / eval_ms * 1000, 1),
+               **decode_columns(model, args, device, infer_dtype)})
         print(f"  {name}: done", file=sys.stderr)
     return rows
 
@@ -121,27 +109,12 @@ def packed_bitnet(args, device, infer_dtype: torch.dtype) -> list[dict]:
         same = (twin(x) - packed(x)).abs().max().item()
     rows = []
     for label, model in (("unpacked " + str(infer_dtype).replace("torch.", ""), twin), ("packed 2-bit", packed)):
-        row = {"form": label, "resident_weight_mb": round(resident_bytes(model) / 2**20, 2),
-               "decode_tokens_per_s": round(decode_tokens_per_s(model, device, infer_dtype, args.new_tokens,
-                                                                args.repeats), 1)}
-        if args.compile:
-            row["decode_compiled_tokens_per_s"] = round(decode_tokens_per_s(
-                model, device, infer_dtype, args.new_tokens, args.repeats, compile=True), 1)
-        rows.append(row)
+        rows.append({"form": label, "resident_weight_mb": round(resident_bytes(model) / 2**20, 2),
+                     **decode_columns(model, args, device, infer_dtype)})
     rows[0]["ternary_weights_mb_bf16"] = round(ternary_dense / 2**20, 2)
     rows[1]["ternary_weights_mb"] = round(ternary_packed / 2**20, 2)
     rows[1]["max_logit_diff_vs_unpacked"] = same
     return rows
-
-
-class _Context:
-    """The part of the model's forward context an FFN reports to (losses, routing stats)."""
-
-    def __init__(self):
-        self.aux_losses, self.stats = {}, {}
-
-    def add_aux_loss(self, name, value):
-        self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
 
 
 def moe_dispatch(args, device, dtype: torch.dtype) -> list[dict]:
@@ -154,18 +127,19 @@ def moe_dispatch(args, device, dtype: torch.dtype) -> list[dict]:
     layers = {"dense SwiGLU, width k*h": {**base, "mlp": dense},
               f"MoE {args.experts} experts, top-{args.top_k}, width h": {**base, "extras": {"moe": moe}}}
     x = torch.randn(args.moe_tokens // 256, 256, args.dim, device=device, dtype=dtype, requires_grad=True)
+    positions = torch.arange(256, device=device)
     rows = []
     for label, d in layers.items():
         torch.manual_seed(0)
         layer = build_ffn(ModelConfig.from_dict(d), 0).to(device, dtype).train()
 
         def step():
-            ctx = _Context()
+            ctx = Context(positions, 0, None, plain_causal=True)  # what an FFN reports to
             loss = layer(x, ctx).float().square().mean()
             (loss + sum(ctx.aux_losses.values())).backward()
-        s = median_seconds(step, device, 2, args.repeats)
+        ms = median_ms(step, device, 2, args.repeats)
         rows.append({"layer": label, "tokens": x.shape[0] * x.shape[1],
-                     "fwd_bwd_tokens_per_s": round(x.shape[0] * x.shape[1] / s, 1),
+                     "fwd_bwd_tokens_per_s": round(x.shape[0] * x.shape[1] / ms * 1000, 1),
                      "params": sum(p.numel() for p in layer.parameters())})
     return rows
 

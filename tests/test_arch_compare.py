@@ -1,28 +1,22 @@
 """Smoke tests of benchmarks/arch_compare.py: parameter matching, whole-split validation loss,
 metrics reading, table and plot. No training here (the benchmark itself does that)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
 
 from andromeda.data.prepare import open_prepared, prepare
 from andromeda.model import ModelConfig, Transformer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "arch_compare.py"
-
 
 @pytest.fixture(scope="module")
 def ac():
-    spec = importlib.util.spec_from_file_location("arch_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("arch_compare")
 
 
 def dense_active_by_hand(vocab: int, dim: int, depth: int, heads: int, kv_heads: int, hidden: int) -> int:

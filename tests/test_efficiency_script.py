@@ -2,23 +2,15 @@
 what it claims (matched active parameters, packed BitNet identical to its twin and smaller,
 MoE against a dense FFN of equal active width). Speed itself is not asserted."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficiency.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def efficiency():
-    spec = importlib.util.spec_from_file_location("efficiency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))
+    return load_benchmark("efficiency")
 
 
 def test_sections_report_matched_models_packing_and_dispatch(efficiency, tmp_path):

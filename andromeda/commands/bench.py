@@ -25,7 +25,7 @@ import torch
 from andromeda.commands.generate import resolve_dtype
 from andromeda.devices import resolve_device
 from andromeda.errors import UserError
-from andromeda.infer.engine import prepare_model
+from andromeda.infer.engine import prepare_model, synchronize
 
 # Peak memory bandwidth in GB/s of GPUs we benchmark on (vendor data sheets).
 HBM_GBPS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
@@ -88,11 +88,6 @@ def _model(preset: str, device, dtype, min_context: int = 0):
     return prepare_model(build_model(cfg, device=device), device, dtype)
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -105,16 +100,18 @@ def _reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _median_ms(fn, device, warmup: int, repeats: int) -> float:
+def median_ms(fn, device, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in ms over `repeats` calls after `warmup` untimed ones,
+    synchronising CUDA around each call."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -131,7 +128,7 @@ def bench_prefill(args, device, dtype) -> list[dict]:
                 model(tokens, last_only=True)
 
         try:
-            ms = _median_ms(run, device, args.warmup, args.repeats)
+            ms = median_ms(run, device, args.warmup, args.repeats)
         except torch.OutOfMemoryError:
             rows.append({"seq": seq, "batch": args.batch, "error": "out of memory"})
             _reset_peak(device)

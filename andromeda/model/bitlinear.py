@@ -126,12 +126,12 @@ class BitLinear(nn.Linear, TernaryWeights):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if compiled_few_rows(x) and not torch.is_grad_enabled():
-            y = self._one_row_product(x)
+            y = self._few_rows_product(x)
             if y is not None:
                 return y if self.bias is None else y + self.bias
         return F.linear(quantize_activation(x), self.ternary_weight("weight").to(x.dtype), self.bias)
 
-    def _one_row_product(self, x: torch.Tensor):
+    def _few_rows_product(self, x: torch.Tensor):
         """Small-batch decoding under torch.compile on CPU: (Q_x(x) . codes) * scale written as
         reductions that read the weight once, as int2 codes when packed (four to a byte, so
         the activations come de-interleaved to match) or as the latent floats, compared with

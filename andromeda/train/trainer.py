@@ -344,6 +344,7 @@ def benchmark_train(preset, seq_len: int, batch_size: int, steps: int, compile: 
 
     from andromeda.presets import get_preset
     from andromeda.train.config import resolve_device
+    from andromeda.train.lowmem import optimizer_state_bytes
 
     model_cfg = get_preset(preset) if isinstance(preset, str) else preset
     if seq_len > model_cfg.max_seq_len:
@@ -367,9 +368,9 @@ def benchmark_train(preset, seq_len: int, batch_size: int, steps: int, compile: 
             trainer.train_step()  # each step ends in a host sync (the finiteness check)
         seconds = time.perf_counter() - start
     tokens_per_s = steps * batch_size * seq_len / seconds
-    state = [t for per_param in trainer.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
-    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *state]}
-    return {"tokens_per_s": tokens_per_s, "weights_and_optimizer_bytes": sum(held.values()),
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    held = weight_bytes + optimizer_state_bytes(trainer.optimizer)
+    return {"tokens_per_s": tokens_per_s, "weights_and_optimizer_bytes": held,
             "mfu": mfu(tokens_per_s, trainer.flops_per_token, trainer.peak_flops),
             "peak_mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "flops_per_token": trainer.flops_per_token, "device": str(dev)}
