@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from andromeda.errors import UserError
 from andromeda.jsonfile import read_json
+from andromeda.model.compat import upgrade_state_dict
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer, build_model
 
@@ -145,6 +146,7 @@ def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer,
         state = load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise UserError(f"cannot read {weights}: {e}") from None
+    state = upgrade_state_dict(state, config["model"])  # older format versions named tensors otherwise
     model = build_model(cfg, device="meta")
     stored = [t.dtype for t in state.values() if t.is_floating_point()]
     # Keep the stored precision unless asked otherwise (a bf16 checkpoint loads as bf16).
@@ -176,6 +178,4 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(state, strict=False)
     if model.cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+    model.reset_derived_buffers()

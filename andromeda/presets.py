@@ -114,10 +114,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
 
 # --- Efficient architectures (andromeda.model.{moe,moa,mod,mamba,bitlinear}; docs/architectures.md)
 
-def _llama_base(vocab: int, seq: int, dim: int, depth: int, heads: int, kv: int, **extras) -> dict:
+def _llama_base(vocab: int, seq: int, dim: int, depth: int, heads: int, kv: int, **sections) -> dict:
     return dict(vocab_size=vocab, max_seq_len=seq, dim=dim, depth=depth,
                 attention=dict(heads=heads, kv_heads=kv), position=dict(kind="rope"),
-                norm=dict(kind="rms", placement="pre"), mlp=dict(kind="swiglu"), extras=extras)
+                norm=dict(kind="rms", placement="pre"), mlp=dict(kind="swiglu"), **sections)
 
 
 def _anemone(tiny: bool, linear: dict) -> dict:
@@ -130,19 +130,17 @@ def _anemone(tiny: bool, linear: dict) -> dict:
     even blocks, 1.738 on odd blocks, tiny anemone-bf16 on Tiny Shakespeare)."""
     if tiny:
         base = _llama_base(288, 256, 64, 4, 4, 2)
-        extras = dict(layout=dict(attention_every=4, attention_offset=2, moe_every=2, moe_offset=1,
-                                  mod_every=2, mod_offset=1),
-                      mamba=dict(d_state=16, head_dim=16, chunk_size=32), moe=dict(num_experts=4, top_k=2),
-                      moa=dict(num_experts=4, top_k=2), mod=dict(capacity=0.25, predictor_hidden=16))
+        sections = dict(layout=dict(mixer="mamba,mamba,moa,mamba", ffn="dense,moe", routing="none,mod"),
+                        mamba=dict(d_state=16, head_dim=16, chunk_size=32), moe=dict(num_experts=4, top_k=2),
+                        moa=dict(num_experts=4, top_k=2), mod=dict(capacity=0.25, predictor_hidden=16))
     else:
         base = _llama_base(32000, 4096, 1024, 16, 16, 4)
-        extras = dict(layout=dict(attention_every=8, attention_offset=4, moe_every=2, moe_offset=1,
-                                  mod_every=2, mod_offset=1),
-                      mamba=dict(d_state=64, head_dim=64), moe=dict(num_experts=16, top_k=2),
-                      moa=dict(num_experts=8, top_k=2), mod=dict(capacity=0.125))
+        sections = dict(layout=dict(mixer="mamba*4,moa,mamba*3", ffn="dense,moe", routing="none,mod"),
+                        mamba=dict(d_state=64, head_dim=64), moe=dict(num_experts=16, top_k=2),
+                        moa=dict(num_experts=8, top_k=2), mod=dict(capacity=0.125))
     if linear:
-        extras["linear"] = dict(linear)
-    base["extras"] = extras
+        sections["linear"] = dict(linear)
+    base.update(sections)
     return base
 
 
@@ -150,11 +148,9 @@ def _jamba(tiny: bool) -> dict:
     """Jamba v0.1 shape (Lieber et al. 2024): 1 attention layer in 8, MoE (16 experts, top-2)
     every other layer; Mamba-2 mixers stand in for Mamba-1."""
     if tiny:
-        return _llama_base(288, 256, 64, 4, 4, 2, layout=dict(attention_every=4, attention_offset=2, moe_every=2,
-                                                              moe_offset=1),
+        return _llama_base(288, 256, 64, 4, 4, 2, layout=dict(mixer="mamba,mamba,attention,mamba", ffn="dense,moe"),
                            mamba=dict(d_state=16, head_dim=16, chunk_size=32), moe=dict(num_experts=4, top_k=2))
-    cfg = _llama_base(65536, 8192, 4096, 32, 32, 8, layout=dict(attention_every=8, attention_offset=4, moe_every=2,
-                                                                 moe_offset=1),
+    cfg = _llama_base(65536, 8192, 4096, 32, 32, 8, layout=dict(mixer="mamba*4,attention,mamba*3", ffn="dense,moe"),
                       mamba=dict(d_state=16, head_dim=64), moe=dict(num_experts=16, top_k=2))
     cfg["mlp"]["hidden_dim"] = 14336
     cfg["position"] = dict(kind="none")  # Jamba's attention layers use no positional encoding
@@ -164,8 +160,8 @@ def _jamba(tiny: bool) -> dict:
 def _moe(tiny: bool) -> dict:
     """Mixtral-style decoder: every FFN is 8 experts, top-2."""
     if tiny:
-        return _llama_base(288, 256, 64, 2, 4, 2, moe=dict(num_experts=4, top_k=2))
-    return _llama_base(32000, 4096, 1024, 16, 16, 4, moe=dict(num_experts=8, top_k=2))
+        return _llama_base(288, 256, 64, 2, 4, 2, layout=dict(ffn="moe"), moe=dict(num_experts=4, top_k=2))
+    return _llama_base(32000, 4096, 1024, 16, 16, 4, layout=dict(ffn="moe"), moe=dict(num_experts=8, top_k=2))
 
 
 def _bitnet(tiny: bool) -> dict:

@@ -1,5 +1,4 @@
-"""The generation engine: the Python API behind `andromeda generate`, `andromeda chat` and the
-HTTP server.
+"""The generation engine: the Python API behind `andromeda generate` and `andromeda chat`.
 
 - `Engine(model, tokenizer, device, dtype, compile=False, draft=None)`:
   `generate(prompts, params) -> list[GenerationResult]` and `stream(prompts, params)`, an
@@ -31,6 +30,7 @@ from andromeda.infer.cache import batch_rows, reset_recurrent
 from andromeda.infer.cpu_linears import prepare_cpu_linears
 from andromeda.infer.generate import DecodeStep, TextTracker, prefill
 from andromeda.infer.sampling import SamplingParams, logits_to_probs, make_generators, pick
+from andromeda.model.layer import reset_derived_buffers
 
 Prompt = Union[str, Sequence[int]]
 
@@ -76,9 +76,7 @@ def prepare_model(model, device, dtype=None, compiled: bool = False):
     layers get the weight layout and product that decode fastest in eager or compiled mode
     (`andromeda.infer.cpu_linears`)."""
     model = model.to(device=device, dtype=dtype).eval()
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+    reset_derived_buffers(model)
     if torch.device(device).type == "cpu":
         prepare_cpu_linears(model, compiled)
     return model

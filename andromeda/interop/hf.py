@@ -277,9 +277,7 @@ def model_from_hf_state(hf: dict, tensors, dtype: torch.dtype = torch.float32, s
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+    model.reset_derived_buffers()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise UserError(f"{source}: no value for {leftover[0]}")

@@ -1,6 +1,8 @@
 """Causal self-attention: multi-head, grouped-query and multi-query, with optional QK-norm,
 rotary/xPos on q and k, ALiBi on a subset of heads, sliding windows and document masks.
 
+Offers `ScoreOptions` (what every attention mixer shares: QK-norm, scale, rotary/xPos, ALiBi,
+the KV cache write and the kernel call; also used by moa.py) and `Attention`, the mixer.
 The layer owns only projections and norms; positions arrive in the forward context and the
 KV cache arrives as an argument, so the same module serves training, prefill and decoding.
 """
@@ -13,15 +15,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from andromeda.infer.cache import KVCache
 from andromeda.model.backends import AttnSpec, attend
 from andromeda.model.config import ModelConfig
+from andromeda.model.layer import DerivedBuffers, InitRule, Mixer
 from andromeda.model.linear import make_linear
 from andromeda.model.norm import build_norm
 from andromeda.model.position import alibi_slopes, apply_rotary
+from andromeda.model.state import Context, KVCache
 
 
-class ScoreOptions:
+class ScoreOptions(DerivedBuffers):
     """What every attention mixer (dense heads here, routed heads in moa.py) shares between
     its projections: QK-norm, the softmax scale, rotary/xPos, ALiBi, windows, the KV cache
     write and the kernel call. Subclasses call `_init_score_options` and `_attend_heads`."""
@@ -36,10 +39,18 @@ class ScoreOptions:
             self.k_norm = build_norm(cfg.norm, self.head_dim, a.qk_norm, affine=a.qk_norm_dim_scale)
         self.scale = a.qk_norm_scale if (a.qk_norm != "none" and a.qk_norm_scale) else 1 / math.sqrt(self.head_dim)
         self.dropout, self.window, self.backend = a.dropout, a.window, a.backend
-        self.n_alibi = cfg.alibi_heads
+        self.n_alibi, self.score_heads = cfg.alibi_heads, a.heads
         self.register_buffer("alibi", None, persistent=False)
+        self.reset_buffers()
 
-    def _attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx,
+    def reset_buffers(self) -> None:
+        """ALiBi slopes for the first n_alibi heads, zero for the rest (they keep rotary only)."""
+        if self.n_alibi:
+            slopes = torch.zeros(self.score_heads)
+            slopes[: self.n_alibi] = alibi_slopes(self.n_alibi)
+            self.alibi = slopes.to(next(self.parameters()).device)
+
+    def _attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
                       cache: Optional[KVCache]) -> torch.Tensor:
         """q (B, H, L, hd), k and v (B, KVH, L, hd) fresh from the projections -> (B, H, L, hd)."""
         L = q.shape[2]
@@ -49,21 +60,30 @@ class ScoreOptions:
             rt = ctx.rotary
             q = apply_rotary(q, rt.cos, rt.sin, rt.xpos_q)
             k = apply_rotary(k, rt.cos, rt.sin, rt.xpos_k)
-        k_pos = ctx.positions
-        plain, all_visible = ctx.plain_causal, False
-        if cache is not None:
-            k, v, k_pos = cache.update(ctx.start_pos, k, v)
-            plain = plain and k.shape[2] == L
-            # One new token after an int-positioned prefix: every returned key is visible.
-            all_visible = L == 1 and isinstance(ctx.start_pos, int)
-        spec = AttnSpec(q_pos=ctx.positions, k_pos=k_pos, scale=self.scale, alibi=self.alibi,
-                        alibi_heads=self.n_alibi,
-                        window=self.window, doc_ids=ctx.doc_ids, plain_causal=plain, all_visible=all_visible,
+        pos = ctx.positions
+        if cache is None:
+            # The keys are the queries' own tokens: masks and ALiBi depend only on distances
+            # within the call, the same in every row, so the first row's positions serve all.
+            q_pos, k_pos, aligned, all_visible = pos.ids[:1], pos.ids[0], True, False
+        else:
+            k, v, k_pos = cache.update(pos, k, v)
+            q_pos = pos.ids
+            aligned = pos.offset == 0  # keys are exactly this call's tokens, from position 0
+            all_visible = L == 1 and pos.offset is not None  # one token after the written prefix
+        spec = AttnSpec(q_pos=q_pos, k_pos=k_pos, scale=self.scale, alibi=self.alibi,
+                        alibi_heads=self.n_alibi, window=self.window, doc_ids=pos.doc_ids,
+                        plain_causal=aligned, all_visible=all_visible,
                         dropout=self.dropout if self.training else 0.0, backend=self.backend)
         return attend(q, k, v, spec)
 
+    def score_flops_per_token(self, seq_len: int, heads: int) -> float:
+        """Forward FLOPs of q.k^T and p.v per token: 2 * 2 * heads * head_dim * span. Like PaLM
+        and nanoGPT, the full span is counted, not the causal half, so MFU figures compare."""
+        span = min(seq_len, self.window) if self.window else seq_len
+        return 4.0 * heads * self.head_dim * span
 
-class Attention(ScoreOptions, nn.Module):
+
+class Attention(ScoreOptions, Mixer):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         a = cfg.attention
@@ -73,26 +93,29 @@ class Attention(ScoreOptions, nn.Module):
         # One matmul for q, k and v: rows [q; k; v].
         self.wqkv = make_linear(cfg, "attention", cfg.dim, self.q_width + 2 * self.kv_width, a.bias)
         self.wo = make_linear(cfg, "attention", self.q_width, cfg.dim, a.bias)
-        self.wo.is_residual_out = True
         self._init_score_options(cfg)
-        self.reset_buffers()
 
-    def reset_buffers(self) -> None:
-        """ALiBi slopes for the first n_alibi heads, zero for the rest (they keep rotary only)."""
-        if self.n_alibi:
-            slopes = torch.zeros(self.heads)
-            slopes[: self.n_alibi] = alibi_slopes(self.n_alibi)
-            device = self.wo.weight.device
-            self.alibi = slopes.to(device)
-
-    def init_state(self, batch: int, max_len: int, dtype, device) -> KVCache:
+    def new_state(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, max_len, self.kv_heads, self.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, ctx, cache: Optional[KVCache] = None) -> torch.Tensor:
+    @torch.no_grad()
+    def init_weights(self, rule: InitRule) -> None:
+        q, k, v = self.wqkv.weight.split([self.q_width, self.kv_width, self.kv_width], dim=0)
+        for part, role in ((q, "qk"), (k, "qk"), (v, "value")):
+            rule.matrix(part, role)
+        rule.linear(self.wo, "out")
+        if self.wqkv.bias is not None:
+            self.wqkv.bias.zero_()
+        self.reset_buffers()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 2.0 * self.active_parameters() + self.score_flops_per_token(seq_len, self.heads)
+
+    def forward(self, x: torch.Tensor, ctx: Context, cache: Optional[KVCache] = None):
         B, L, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         q = q.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = k.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, L, hd)
         v = v.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         out = self._attend_heads(q, k, v, ctx, cache)  # (B, H, L, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, L, self.q_width))
+        return self.wo(out.transpose(1, 2).reshape(B, L, self.q_width)), None

@@ -10,9 +10,11 @@ Three paths compute the same function:
   the ground truth in tests.
 
 `force_backend()` overrides the choice for tests. Positions are absolute token indices:
-`q_pos` (Lq,) for the queries and `k_pos` (Lk,) for the keys, so prefill, chunked prefill
-and cached decoding (where unwritten cache slots have positions beyond the query and are
-therefore masked as "future") all use one rule.
+`q_pos` (B or 1, Lq) for the queries (one row when every sequence shares them) and `k_pos`
+(Lk,) for the keys, so prefill, chunked prefill and cached decoding (where unwritten cache
+slots have positions beyond the query and are therefore masked as "future") all use one rule.
+The two fast-path facts (`plain_causal`, `all_visible`) are derived once, by the attention
+layer, from the call's `Positions` and the cache.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass
 class AttnSpec:
-    q_pos: torch.Tensor  # (Lq,) absolute positions of the queries, or (B, Lq) per sequence
+    q_pos: torch.Tensor  # (B or 1, Lq) absolute positions of the queries
     k_pos: torch.Tensor  # (Lk,) absolute positions of the keys
     scale: float
     alibi: Optional[torch.Tensor] = None  # (H,) slopes; zeros for heads without ALiBi
@@ -35,7 +37,7 @@ class AttnSpec:
     window: Optional[int] = None
     doc_ids: Optional[torch.Tensor] = None  # (B, L) document index per token (no cache)
     dropout: float = 0.0
-    plain_causal: bool = False  # q_pos == k_pos == arange(L): the is_causal fast path applies
+    plain_causal: bool = False  # keys are the queries' tokens, in order: the is_causal fast path applies
     all_visible: bool = False  # every key is at or before every query (one-token decode)
     backend: str = "auto"
 
@@ -66,7 +68,7 @@ def choose_backend(spec: AttnSpec, device: torch.device) -> str:
         return "sdpa"
     # Decoding (one query row, or per-sequence positions): the explicit bias is only
     # (B, H, 1, Lk), cheaper than building a block mask at every step.
-    decoding = spec.q_pos.dim() == 2 or spec.q_pos.shape[0] == 1
+    decoding = spec.q_pos.shape[0] > 1 or spec.q_pos.shape[1] == 1
     return "flex" if device.type == "cuda" and not decoding else "reference"
 
 
@@ -121,8 +123,7 @@ def _split_alibi(q, k, v, spec: AttnSpec, backend: str) -> torch.Tensor:
 
 def score_bias(spec: AttnSpec, dtype: torch.dtype) -> torch.Tensor:
     """Additive bias (B or 1, H or 1, Lq, Lk): -inf where masked, -slope*distance for ALiBi."""
-    dist = spec.q_pos[..., :, None] - spec.k_pos  # (Lq, Lk) or per sequence (B, Lq, Lk); >= 0 if visible
-    dist = dist[:, None] if dist.dim() == 3 else dist[None, None]  # (B or 1, 1, Lq, Lk)
+    dist = (spec.q_pos[:, :, None] - spec.k_pos)[:, None]  # (B or 1, 1, Lq, Lk); >= 0 if visible
     allowed = dist >= 0
     if spec.window is not None:
         allowed = allowed & (dist < spec.window)
@@ -165,10 +166,10 @@ def _block_mask(spec: AttnSpec, batch: int, lq: int, lk: int, device):
     """Block-sparse mask for causality/window/documents, built by compiled mask evaluation
     (memory O(L^2 / block^2), not O(L^2)). Cached when it depends only on shapes."""
     q_pos, k_pos, window, doc = spec.q_pos, spec.k_pos, spec.window, spec.doc_ids
-    per_sequence = q_pos.dim() == 2
+    per_sequence = q_pos.shape[0] > 1
 
     def mask_mod(b, h, qi, ki):
-        qp, kp = (q_pos[b, qi] if per_sequence else q_pos[qi]), k_pos[ki]
+        qp, kp = (q_pos[b, qi] if per_sequence else q_pos[0, qi]), k_pos[ki]
         ok = kp <= qp
         if window is not None:
             ok = ok & (qp - kp < window)
@@ -193,8 +194,10 @@ def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
     if slopes is not None:
         slopes = slopes.to(torch.float32)
 
+        per_sequence = q_pos.shape[0] > 1
+
         def score_mod(score, b, h, qi, ki):
-            qp = q_pos[b, qi] if q_pos.dim() == 2 else q_pos[qi]
+            qp = q_pos[b, qi] if per_sequence else q_pos[0, qi]
             return score - slopes[h] * (qp - k_pos[ki]).to(torch.float32)
 
     mask = _block_mask(spec, q.shape[0], q.shape[2], k.shape[2], q.device)

@@ -9,7 +9,8 @@ Offers:
 - `TernaryWeights`: mixin giving `ternary_weight(name)`, which reads either the latent float
   parameter (training) or its 2-bit packed form made by `andromeda.quant.bitpack`.
 - `BitLinear`: drop-in `nn.Linear` registered as linear kind 'bitnet', so
-  `extras['linear'] = {'mlp': 'bitnet', ...}` turns a family of projections ternary.
+  `linear.mlp = 'bitnet'` (and the other families of the `linear` section) turns a family
+  of projections ternary.
 
 Why the norm: the paper (and BitNet before it) normalises the activations inside the layer
 before absmax quantisation, so the 8-bit range is used evenly whatever the residual scale.

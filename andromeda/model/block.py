@@ -1,37 +1,31 @@
-"""Transformer blocks and the residual rules they are made of.
+"""The transformer block: a mixer and a feed-forward on two residual lines (or one, in parallel).
 
-A block is two residual lines (or one, for PaLM-style parallel blocks). Each line is a
-`Residual`: it owns the norm, the optional token shift and the residual rule (pre-norm,
-post-norm or DeepNorm), and wraps the sublayer (a mixer such as attention, or an FFN).
-Variants are chosen here in `__init__`; forward branches only on whether a cache is present.
+Offers `Block(cfg, spec)`, built from one `LayerSpec` of the layer plan, and `TokenShift`.
 
-`build_mixer(cfg, i)` / `build_ffn(cfg, i)` pick the sublayers per layer from name tables,
-so Mamba mixers or MoE FFNs slot in by config.
+Tensor names are the same whatever the options: `mixer.*` and `ffn.*` are the sublayers
+themselves, `mixer_norm` / `ffn_norm` their norms (a parallel block has one norm, `mixer_norm`,
+whose output both read), `route.*` the Mixture-of-Depths router when the plan routes the block.
+
+The residual rule comes from `norm.placement`:
+    pre:      x + f(shift(norm(x)))
+    post:     norm(x + f(shift(x)))
+    deepnorm: norm(alpha * x + f(shift(x)))   (Wang et al. 2022, alpha = (2N)^(1/4))
+    parallel: x + mixer(h) + ffn(h), h = shift(norm(x))   (GPT-J, PaLM; pre-norm only)
+Variants are fixed in `__init__`; forward branches only on data (a state, a routing module).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from andromeda.infer.cache import LayerState, ShiftState
-from andromeda.model.attention import Attention
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import mixer_for_layer, mod_for_layer
-from andromeda.model.mlp import build_ffn
+from andromeda.model.layer import deepnorm_alpha
 from andromeda.model.norm import build_norm
-
-
-def deepnorm_alpha(depth: int) -> float:
-    """Residual scale of DeepNet (Wang et al. 2022) for a decoder-only stack of `depth` layers."""
-    return (2 * depth) ** 0.25
-
-
-def deepnorm_beta(depth: int) -> float:
-    """Init gain of DeepNet for v, output and FFN projections of a decoder-only stack."""
-    return (8 * depth) ** -0.25
+from andromeda.model.plan import FFNS, MIXERS, ROUTINGS, LayerSpec
+from andromeda.model.state import Aux, Context, LayerState, ShiftState, merge_aux
 
 
 class TokenShift(nn.Module):
@@ -59,110 +53,75 @@ class TokenShift(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-class Residual(nn.Module):
-    """One residual line around `fn`:
-    pre: x + f(shift(norm(x)));  post: norm(x + f(shift(x)));  deepnorm: norm(alpha*x + f(shift(x)))."""
-
-    def __init__(self, cfg: ModelConfig, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.norm = build_norm(cfg.norm, cfg.dim)
-        self.pre = cfg.norm.placement == "pre"
-        self.alpha = deepnorm_alpha(cfg.depth) if cfg.norm.placement == "deepnorm" else 1.0
-        n = cfg.block.shift_tokens
-        self.shift = TokenShift(n, cfg.dim) if n else None
-        self.dropout = nn.Dropout(cfg.block.residual_dropout)
-        self.dim = cfg.dim
-
-    def _inner(self, h, ctx, fn_state, shift_state):
-        if self.shift is not None:
-            h = self.shift(h, shift_state)
-        return self.dropout(self.fn(h, ctx, fn_state))
-
-    def forward(self, x, ctx, fn_state=None, shift_state=None):
-        if self.pre:
-            return x + self._inner(self.norm(x), ctx, fn_state, shift_state)
-        return self.norm(self.alpha * x + self._inner(x, ctx, fn_state, shift_state))
-
-    def init_shift_state(self, batch, dtype, device):
-        return ShiftState(batch, self.shift.n, self.dim, dtype, device) if self.shift else None
-
-
 def _part(state: Optional[LayerState], name: str):
     return None if state is None else state.get(name)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        self.mixer = Residual(cfg, build_mixer(cfg, layer_idx))
-        self.ffn = Residual(cfg, build_ffn(cfg, layer_idx))
-
-    def forward(self, x, ctx, state: Optional[LayerState] = None):
-        x = self.mixer(x, ctx, _part(state, "mixer"), _part(state, "shift_mixer"))
-        x = self.ffn(x, ctx, None, _part(state, "shift_ffn"))
-        return x
-
-    def init_state(self, batch, max_len, dtype, device) -> LayerState:
-        return LayerState(mixer=self.mixer.fn.init_state(batch, max_len, dtype, device),
-                          shift_mixer=self.mixer.init_shift_state(batch, dtype, device),
-                          shift_ffn=self.ffn.init_shift_state(batch, dtype, device))
-
-
-class ParallelBlock(nn.Module):
-    """x + mixer(h) + ffn(h) with h = shift(norm(x)) (GPT-J / PaLM parallel formulation)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.norm = build_norm(cfg.norm, cfg.dim)
+        i = spec.index
+        self.parallel = cfg.block.parallel
+        self.pre = cfg.norm.placement == "pre"
+        self.alpha = deepnorm_alpha(cfg.depth) if cfg.norm.placement == "deepnorm" else 1.0
+        # Registration order fixes parameter order (and so optimizer state order): kept as
+        # checkpoints of format version 1 have it.
+        if self.parallel:
+            self.mixer_norm = build_norm(cfg.norm, cfg.dim)
+        self.mixer = MIXERS[spec.mixer].load()(cfg, i)
+        if not self.parallel:
+            self.mixer_norm = build_norm(cfg.norm, cfg.dim)
+        self.ffn = FFNS[spec.ffn].load()(cfg, i)
+        self.ffn_norm = None if self.parallel else build_norm(cfg.norm, cfg.dim)
+        self.route = ROUTINGS[spec.routing].load()(cfg, i)
         n = cfg.block.shift_tokens
         self.shift = TokenShift(n, cfg.dim) if n else None
-        self.mixer = build_mixer(cfg, layer_idx)
-        self.ffn = build_ffn(cfg, layer_idx)
         self.dropout = nn.Dropout(cfg.block.residual_dropout)
         self.dim = cfg.dim
 
-    def forward(self, x, ctx, state: Optional[LayerState] = None):
-        h = self.norm(x)
-        if self.shift is not None:
-            h = self.shift(h, _part(state, "shift_mixer"))
-        return x + self.dropout(self.mixer(h, ctx, _part(state, "mixer")) + self.ffn(h, ctx))
+    def new_state(self, batch: int, max_len: int, dtype, device) -> LayerState:
+        def shift():
+            return ShiftState(batch, self.shift.n, self.dim, dtype, device) if self.shift is not None else None
 
-    def init_state(self, batch, max_len, dtype, device) -> LayerState:
-        shift = ShiftState(batch, self.shift.n, self.dim, dtype, device) if self.shift else None
-        return LayerState(mixer=self.mixer.init_state(batch, max_len, dtype, device), shift_mixer=shift)
+        parts = dict(mixer=self.mixer.new_state(batch, max_len, dtype, device), shift_mixer=shift())
+        if not self.parallel:
+            parts["shift_ffn"] = shift()
+        if self.route is not None:
+            parts["route"] = self.route.new_state(batch, device)
+        return LayerState(**parts)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        norms = sum(p.numel() for n in (self.mixer_norm, self.ffn_norm) if n is not None for p in n.parameters())
+        own = self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * norms
+        return own if self.route is None else self.route.flops_per_token(own)
 
-def _mamba(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    from andromeda.model.mamba import Mamba
+    def active_parameters(self) -> int:
+        inside = self.mixer.active_parameters() + self.ffn.active_parameters()
+        norms = sum(p.numel() for n in (self.mixer_norm, self.ffn_norm) if n is not None for p in n.parameters())
+        routing = sum(p.numel() for p in self.route.parameters()) if self.route is not None else 0
+        return inside + norms + routing
 
-    return Mamba(cfg, layer_idx)
+    def forward(self, x: torch.Tensor, ctx: Context, state: Optional[LayerState] = None):
+        if self.route is None:
+            return self.body(x, ctx, state)
+        return self.route(x, ctx, self.body, state)
 
+    def body(self, x: torch.Tensor, ctx: Context, state: Optional[LayerState]) -> tuple[torch.Tensor, Optional[Aux]]:
+        if self.parallel:
+            h = self._shift(self.mixer_norm(x), state, "shift_mixer")
+            mixed, aux_m = self.mixer(h, ctx, _part(state, "mixer"))
+            fed, aux_f = self.ffn(h, ctx)
+            return x + self.dropout(mixed + fed), merge_aux(aux_m, aux_f)
+        x, aux_m = self._line(x, ctx, self.mixer, self.mixer_norm, _part(state, "mixer"), state, "shift_mixer")
+        x, aux_f = self._line(x, ctx, self.ffn, self.ffn_norm, None, state, "shift_ffn")
+        return x, merge_aux(aux_m, aux_f)
 
-def _moa(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    from andromeda.model.moa import MixtureOfAttentionHeads
+    def _shift(self, h, state, name):
+        return self.shift(h, _part(state, name)) if self.shift is not None else h
 
-    return MixtureOfAttentionHeads(cfg, layer_idx)
-
-
-# name -> constructor(cfg, layer_idx); option families that add mixers (e.g. Mamba) add a
-# row here and a rule in `mixer_kind`.
-MIXERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"attention": Attention, "mamba": _mamba, "moa": _moa}
-
-
-def mixer_kind(cfg: ModelConfig, layer_idx: int) -> str:
-    """Which mixer layer `layer_idx` uses (rules in andromeda.model.layout)."""
-    return mixer_for_layer(cfg, layer_idx)
-
-
-def build_mixer(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return MIXERS[mixer_kind(cfg, layer_idx)](cfg, layer_idx)
-
-
-def build_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    block = ParallelBlock(cfg, layer_idx) if cfg.block.parallel else Block(cfg, layer_idx)
-    if mod_for_layer(cfg, layer_idx):
-        from andromeda.model.mod import MoDBlock  # Mixture-of-Depths routes around the whole block
-
-        block = MoDBlock(cfg, block, layer_idx)
-    return block
+    def _line(self, x, ctx, fn, norm, fn_state, state, shift_name):
+        if self.pre:
+            y, aux = fn(self._shift(norm(x), state, shift_name), ctx, fn_state)
+            return x + self.dropout(y), aux
+        y, aux = fn(self._shift(x, state, shift_name), ctx, fn_state)
+        return norm(self.alpha * x + self.dropout(y)), aux

@@ -1,10 +1,20 @@
-"""Model configuration: one typed dataclass per option family.
+"""Model configuration: one typed dataclass per option family, and the layer plan they make.
 
-`ModelConfig` is plain data: it round-trips through JSON (`to_dict` / `from_dict`),
-takes dotted overrides (`apply_overrides(cfg, {"attention.heads": "4"})`) and checks
-every impossible combination in `__post_init__` with a message that says what to change.
-Layers read only their own sub-config, so a new option family is a new sub-config here
-plus a new module, never a new branch in the core forward.
+`ModelConfig` is plain data. It round-trips through JSON (`to_dict` / `from_dict`), takes
+dotted overrides (`apply_overrides(cfg, {"attention.heads": "4"})`), and refuses, when it is
+made, unknown keys, values of the wrong type and impossible combinations, with a message that
+names the key and says what to change.
+
+Every layer is a block of three choices, spelled out by `cfg.plan` (see andromeda.model.plan):
+a mixer ('attention', 'moa', 'mamba'), a feed-forward ('dense', 'moe') and a routing ('none',
+'mod'). The `layout` section gives one short pattern per choice, cycled over the depth:
+Jamba's one attention layer in eight is `layout.mixer = "mamba*4,attention,mamba*3"`. A family
+section (`moe`, `moa`, `mamba`, `mod`) holds the options of its layers: it is filled with its
+defaults when the plan uses the kind, and refused when no layer uses it, so a setting never
+goes silently unused.
+
+Configs written before format version 2 kept the families in a free-form `extras` dict;
+`from_dict` converts them (andromeda.model.compat).
 """
 
 from __future__ import annotations
@@ -12,14 +22,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from andromeda.errors import ConfigError, check
+from andromeda import configtools
+from andromeda.configtools import apply_overrides
+from andromeda.errors import check
+from andromeda.model import plan as layer_plan
+
+FORMAT_VERSION = 2
+"""Version of the config layout and tensor names; checkpoints of older versions are converted on load."""
 
 
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
+def _one_of(name: str, value: Any, allowed) -> None:
     check(value in allowed, f"{name}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
 
 
@@ -165,6 +180,138 @@ class BlockConfig:
         check(0.0 <= self.residual_dropout < 1.0, "block.residual_dropout must be in [0, 1)")
 
 
+LINEAR_KINDS = ("dense", "bitnet")
+
+
+@dataclass
+class LinearConfig:
+    """Which linear layer each family of projections uses: 'dense' (nn.Linear) or 'bitnet'
+    (BitNet b1.58 ternary weights, andromeda.model.bitlinear)."""
+
+    attention: str = "dense"
+    """q/k/v and output projections (and Mixture of Attention Heads' experts)."""
+    mlp: str = "dense"
+    """Feed-forward projections (and MoE experts)."""
+    mixer: str = "dense"
+    """Mamba's in/out projections."""
+    router: str = "dense"
+    """MoE / MoA / Mixture-of-Depths routers."""
+    head: str = "dense"
+    """The output head."""
+
+    def __post_init__(self):
+        for name in ("attention", "mlp", "mixer", "router", "head"):
+            _one_of(f"linear.{name}", getattr(self, name), LINEAR_KINDS)
+
+
+@dataclass
+class LayoutConfig:
+    """Patterns of layer kinds, cycled over the depth: comma-separated names, `name*n` repeats
+    a name. `"dense,moe"` puts MoE on every odd layer; a pattern as long as the depth is the
+    explicit per-layer list."""
+
+    mixer: str = "attention"
+    """Token mixers: 'attention', 'moa' (Mixture of Attention Heads) or 'mamba'."""
+    ffn: str = "dense"
+    """Feed-forwards: 'dense' (as `mlp`) or 'moe'."""
+    routing: str = "none"
+    """Routing around the whole block: 'none' or 'mod' (Mixture-of-Depths)."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (andromeda.model.moe)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_dim: Optional[int] = None
+    """Hidden width of each expert; None means the dense FFN width (mlp)."""
+    shared_expert: bool = False
+    """Add one always-active dense expert of width shared_hidden_dim (default: hidden_dim)."""
+    shared_hidden_dim: Optional[int] = None
+    normalize_top_k: bool = True
+    """Renormalise the k selected gates to sum to 1 (Mixtral); False keeps raw softmax (Switch)."""
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    capacity_factor: Optional[float] = None
+    """None: every token reaches its k experts. A number: each expert takes at most
+    capacity_factor * tokens * k / experts assignments per call; the rest are dropped."""
+
+    def __post_init__(self):
+        check(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
+        check(1 <= self.top_k <= self.num_experts,
+              f"moe.top_k={self.top_k} must be between 1 and moe.num_experts ({self.num_experts})")
+        check(self.hidden_dim is None or self.hidden_dim >= 1, "moe.hidden_dim must be >= 1")
+        check(self.shared_hidden_dim is None or self.shared_hidden_dim >= 1, "moe.shared_hidden_dim must be >= 1")
+        check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "moe loss weights must be >= 0")
+        check(self.capacity_factor is None or self.capacity_factor > 0,
+              f"moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+
+
+@dataclass
+class MoAConfig:
+    """Mixture of Attention Heads (andromeda.model.moa)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    def __post_init__(self):
+        check(self.num_experts >= 1, f"moa.num_experts must be >= 1, got {self.num_experts}")
+        check(1 <= self.top_k <= self.num_experts,
+              f"moa.top_k={self.top_k} must be between 1 and moa.num_experts ({self.num_experts})")
+        check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "moa loss weights must be >= 0")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 mixer (andromeda.model.mamba)."""
+
+    d_state: int = 64
+    """State size N per head."""
+    d_conv: int = 4
+    """Width of the causal depthwise convolution."""
+    expand: int = 2
+    """Inner width = expand * dim."""
+    head_dim: int = 64
+    """Channels per SSM head (P); heads = expand * dim / head_dim, each with its own decay."""
+    ngroups: int = 1
+    """Groups sharing B and C (like key/value heads in GQA)."""
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    conv_bias: bool = True
+    use_kernels: bool = True
+    """Use mamba_ssm's fused scan on CUDA when it is installed."""
+
+    def __post_init__(self):
+        for name in ("d_state", "d_conv", "expand", "head_dim", "ngroups", "chunk_size"):
+            check(getattr(self, name) >= 1, f"mamba.{name} must be >= 1, got {getattr(self, name)}")
+        check(0 < self.dt_min <= self.dt_max, "mamba needs 0 < dt_min <= dt_max")
+
+
+@dataclass
+class MoDConfig:
+    """Mixture-of-Depths routing (andromeda.model.mod)."""
+
+    capacity: float = 0.125
+    """Share of a sequence's tokens that a routed block processes in training (paper: 12.5%)."""
+    predictor_hidden: int = 64
+    """Hidden width of the causal predictor MLP used at inference; 0 makes it linear."""
+    predictor_loss_weight: float = 1.0
+    """Weight of its BCE loss; it trains only the predictor (its input is detached)."""
+
+    def __post_init__(self):
+        check(0 < self.capacity <= 1, f"mod.capacity must be in (0, 1], got {self.capacity}")
+        check(self.predictor_hidden >= 0, "mod.predictor_hidden must be >= 0")
+        check(self.predictor_loss_weight >= 0, "mod.predictor_loss_weight must be >= 0")
+
+
+FAMILY_SECTIONS = ("moe", "moa", "mamba", "mod")
+"""Optional sections of ModelConfig, each present exactly when the layer plan uses its kind."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -179,16 +326,23 @@ class ModelConfig:
     norm: NormConfig = field(default_factory=NormConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     block: BlockConfig = field(default_factory=BlockConfig)
-    extras: dict = field(default_factory=dict)
-    """Option families added by later modules (MoE, Mamba, ...) keyed by family name; each
-    family validates its own entry when its layers are built."""
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    moe: Optional[MoEConfig] = None
+    moa: Optional[MoAConfig] = None
+    mamba: Optional[MambaConfig] = None
+    mod: Optional[MoDConfig] = None
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        for name, typ in (("attention", AttentionConfig), ("position", PositionConfig), ("norm", NormConfig),
-                          ("mlp", MLPConfig), ("block", BlockConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _build(typ, value, name))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            sub = configtools._dataclass_of(f.type if not isinstance(f.type, str) else _HINTS[f.name])
+            if sub is not None and isinstance(value, dict):
+                setattr(self, f.name, configtools.build(sub, value, f.name))
+        check(self.format_version == FORMAT_VERSION,
+              f"format_version={self.format_version}: this version reads {FORMAT_VERSION} "
+              "(older configs are converted by ModelConfig.from_dict)")
         check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         check(self.dim >= 1 and self.depth >= 1, "dim and depth must be >= 1")
@@ -196,7 +350,7 @@ class ModelConfig:
         a, p = self.attention, self.position
         if a.head_dim is None:
             check(self.dim % a.heads == 0,
-                   f"dim ({self.dim}) must be divisible by attention.heads ({a.heads}), or set attention.head_dim")
+                  f"dim ({self.dim}) must be divisible by attention.heads ({a.heads}), or set attention.head_dim")
         hd = self.head_dim
         if p.rotary:
             rd = p.rope_dim or hd
@@ -206,7 +360,41 @@ class ModelConfig:
             check(not self.block.parallel, "norm.placement='deepnorm' does not combine with block.parallel")
         if self.block.shift_tokens:
             check(self.dim >= self.block.shift_tokens + 1,
-                   f"block.shift_tokens={self.block.shift_tokens} needs dim >= {self.block.shift_tokens + 1}")
+                  f"block.shift_tokens={self.block.shift_tokens} needs dim >= {self.block.shift_tokens + 1}")
+        self._check_families()
+
+    def _check_families(self) -> None:
+        """Fill the sections the plan uses, refuse the ones it does not, check combinations."""
+        used = layer_plan.families_used(self)
+        for name in FAMILY_SECTIONS:
+            if name in used and getattr(self, name) is None:
+                setattr(self, name, _HINT_TYPES[name]())
+            elif name not in used and getattr(self, name) is not None:
+                key = layer_plan.FAMILY_LAYOUT_KEY[name]
+                raise configtools.ConfigError(
+                    f"{name} is configured but no layer uses it (layout.{key}={getattr(self.layout, key)!r}); "
+                    f"name '{name}' in layout.{key}, or drop the section (--set {name}=null)")
+        a = self.attention
+        if self.moa is not None:
+            k = self.moa.top_k
+            check(a.heads % k == 0, f"moa.top_k ({k}) must divide attention.heads ({a.heads})")
+            check((a.heads // k) % a.kv_heads == 0,
+                  f"attention.heads / moa.top_k ({a.heads // k}) must be divisible by attention.kv_heads ({a.kv_heads})")
+            check(self.alibi_heads == 0, "Mixture of Attention Heads does not support ALiBi; set position.alibi_heads=0")
+        if self.mamba is not None:
+            m = self.mamba
+            inner = m.expand * self.dim
+            check(inner % m.head_dim == 0, f"mamba: expand*dim ({inner}) must be divisible by mamba.head_dim ({m.head_dim})")
+            check((inner // m.head_dim) % m.ngroups == 0,
+                  f"mamba: heads ({inner // m.head_dim}) must be divisible by mamba.ngroups ({m.ngroups})")
+        if self.mod is not None:
+            check(self.norm.placement == "pre",
+                  "Mixture-of-Depths needs norm.placement='pre' (it scales the block's residual update)")
+
+    @property
+    def plan(self) -> tuple[layer_plan.LayerSpec, ...]:
+        """What each layer is made of, expanded from `layout` (validated when the config is made)."""
+        return layer_plan.expand(self)
 
     @property
     def head_dim(self) -> int:
@@ -225,84 +413,23 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return _build(cls, d, "")
+        """Build from plain data, converting configs of older format versions first."""
+        from andromeda.model.compat import upgrade_config
+
+        return configtools.build(cls, upgrade_config(d), "")
 
 
-def _build(typ, d: dict, prefix: str):
-    """Construct dataclass `typ` from a dict, refusing unknown keys by name."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(typ)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(unknown)}")
-    hints = typing.get_type_hints(typ)
-    kwargs = {}
-    for k, v in d.items():
-        sub = hints[k]
-        if dataclasses.is_dataclass(sub) and isinstance(v, dict):
-            v = _build(sub, v, f"{prefix}.{k}" if prefix else k)
-        kwargs[k] = v
-    try:
-        return typ(**kwargs)
-    except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+_HINTS = None  # filled below, once the classes exist
 
 
-def _coerce(value: str, annotation: Any, key: str):
-    """Turn a command-line string into the field's declared type."""
-    text = value.strip()
-    hint = str(annotation)
-    if text.lower() in ("none", "null") and ("Optional" in hint or "None" in hint):
-        return None
-    try:
-        if "bool" in hint:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if "int" in hint and "float" not in hint:
-            return int(text)
-        if "float" in hint:
-            return float(text)
-        if "dict" in hint:
-            return json.loads(text)
-    except ValueError:
-        wanted = annotation.__name__ if isinstance(annotation, type) else hint.replace("typing.", "")
-        raise ConfigError(f"{key}={value!r}: expected {wanted}") from None
-    return text
+def _resolve_hints():
+    import typing
+
+    hints = typing.get_type_hints(ModelConfig)
+    return hints, {name: configtools._dataclass_of(hints[name]) for name in FAMILY_SECTIONS}
 
 
-def apply_overrides(cfg, overrides: dict[str, str]):
-    """Return a copy of dataclass config `cfg` with dotted `key=value` overrides applied.
+_HINTS, _HINT_TYPES = _resolve_hints()
+_build = configtools.build  # the training config builds through the same function
 
-    Values are strings (as typed on the command line) and are converted to the field type;
-    `extras.moe.num_experts=8` style keys reach into the free-form extras dict (JSON values).
-    """
-    data = dataclasses.asdict(cfg)
-    for key, raw in overrides.items():
-        parts = key.split(".")
-        node, typ = data, type(cfg)
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if typ is None:  # inside a free-form dict
-                if last:
-                    try:
-                        node[part] = json.loads(raw)
-                    except (json.JSONDecodeError, TypeError):
-                        node[part] = raw
-                else:
-                    node = node.setdefault(part, {})
-                continue
-            hints = typing.get_type_hints(typ)
-            if part not in hints:
-                raise ConfigError(f"unknown config key: {key}")
-            if last:
-                node[part] = _coerce(raw, hints[part], key) if isinstance(raw, str) else raw
-            else:
-                sub = hints[part]
-                typ = sub if dataclasses.is_dataclass(sub) else None
-                node = node.setdefault(part, {})
-    return _build(type(cfg), data, "")
+__all__ = ["ModelConfig", "apply_overrides", "FORMAT_VERSION"]

@@ -1,9 +1,9 @@
 """Linear layers, chosen per module family.
 
 Every projection in the model is made by `make_linear(cfg, family, ...)`, where family is
-one of 'attention', 'mlp', 'mixer', 'router', 'head'. A config may map a family to another
-linear kind (for example BitNet's ternary linear) through `cfg.extras['linear']`, a dict
-{family: kind}; the default is a plain dense `nn.Linear`. New kinds are a row in `LINEARS`.
+one of 'attention', 'mlp', 'mixer', 'router', 'head'. The config's `linear` section maps each
+family to a linear kind ('dense', a plain `nn.Linear`, or 'bitnet', BitNet's ternary linear).
+New kinds are a row in `LINEARS` (and in config.LINEAR_KINDS).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from andromeda.errors import ConfigError
 from andromeda.model.config import ModelConfig
 
 REDUCTION_MAX_ROWS = 4
@@ -40,20 +39,11 @@ def _bitnet(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -
 
 
 LINEARS: dict[str, Callable[..., nn.Module]] = {"dense": _dense, "bitnet": _bitnet}
-FAMILIES = ("attention", "mlp", "mixer", "router", "head")
 
 
 def linear_kind(cfg: ModelConfig, family: str) -> str:
-    table = cfg.extras.get("linear", {}) or {}
-    unknown = sorted(set(table) - set(FAMILIES))
-    if unknown:
-        raise ConfigError(f"extras.linear has unknown families {unknown}; choose from {', '.join(FAMILIES)}")
-    return table.get(family, "dense")
+    return getattr(cfg.linear, family)
 
 
 def make_linear(cfg: ModelConfig, family: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-    kind = linear_kind(cfg, family)
-    if kind not in LINEARS:
-        raise ConfigError(f"unknown linear kind {kind!r} for {family}; choose one of {', '.join(sorted(LINEARS))}")
-    return LINEARS[kind](cfg, in_features, out_features, bias)
-
+    return LINEARS[linear_kind(cfg, family)](cfg, in_features, out_features, bias)

@@ -2,14 +2,14 @@
 SSMs"; Gu & Dao 2023, "Mamba").
 
 Offers:
-- `MambaConfig`: `extras['mamba']`, validated.
 - `ssd_chunked(x, dt, A, B, C, chunk, initial_state)`: the state-space-duality scan: within
   a chunk the output is a masked (decaying) attention-like matmul; chunk boundary states are
   passed on by a short recurrence over chunks. Runs on CPU; O(L * chunk) work.
 - `ssd_step(...)`: one token of the same recurrence, h <- exp(dt A) h + dt B x, y = C h, for
   cached decoding; it matches the chunked form (tests).
-- `MambaState`: conv window (last d_conv - 1 inputs) and SSM state, made by `init_state`.
-- `Mamba`: the mixer: in_proj -> causal depthwise conv1d -> SSD -> gated RMSNorm ->
+- `MambaState`: conv window (last d_conv - 1 inputs) and SSM state, made by `new_state`.
+- `Mamba`: the 'mamba' mixer of the layer plan (options in the config's `mamba` section):
+  in_proj -> causal depthwise conv1d -> SSD -> gated RMSNorm ->
   out_proj. On CUDA, when the `mamba_ssm` package is installed, its fused Triton scan
   (`mamba_chunk_scan_combined`) replaces `ssd_chunked`.
 """
@@ -17,16 +17,14 @@ Offers:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.errors import check
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import parse_family
+from andromeda.model.layer import InitRule, Mixer
 from andromeda.model.linear import make_linear
 from andromeda.model.norm import RMSNorm
 
@@ -34,32 +32,6 @@ try:  # optional fused kernels (GPU only)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except Exception:  # ImportError, or a CUDA/Triton mismatch raised while importing
     mamba_chunk_scan_combined = None
-
-
-@dataclass
-class MambaConfig:
-    d_state: int = 64
-    """State size N per head."""
-    d_conv: int = 4
-    """Width of the causal depthwise convolution."""
-    expand: int = 2
-    """Inner width = expand * dim."""
-    head_dim: int = 64
-    """Channels per SSM head (P); heads = expand * dim / head_dim, each with its own decay."""
-    ngroups: int = 1
-    """Groups sharing B and C (like key/value heads in GQA)."""
-    chunk_size: int = 64
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    conv_bias: bool = True
-    use_kernels: bool = True
-    """Use mamba_ssm's fused scan on CUDA when it is installed."""
-
-    def __post_init__(self):
-        for name in ("d_state", "d_conv", "expand", "head_dim", "ngroups", "chunk_size"):
-            value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"extras.mamba.{name} must be an integer >= 1, got {value!r}")
-        check(0 < self.dt_min <= self.dt_max, "extras.mamba needs 0 < dt_min <= dt_max")
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -119,16 +91,12 @@ class MambaState(nn.Module):
                                                 device=device), persistent=False)
 
 
-class Mamba(nn.Module):
+class Mamba(Mixer):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        m = self.mcfg = parse_family(MambaConfig, cfg, "mamba")
+        m = self.mcfg = cfg.mamba
         self.d_inner = m.expand * cfg.dim
-        check(self.d_inner % m.head_dim == 0,
-              f"extras.mamba: expand*dim ({self.d_inner}) must be divisible by head_dim ({m.head_dim})")
         self.heads = self.d_inner // m.head_dim
-        check(self.heads % m.ngroups == 0,
-              f"extras.mamba: heads ({self.heads}) must be divisible by ngroups ({m.ngroups})")
         self.bc_width = m.ngroups * m.d_state
         self.conv_dim = self.d_inner + 2 * self.bc_width
         self.in_proj = make_linear(cfg, "mixer", cfg.dim, self.d_inner + self.conv_dim + self.heads)
@@ -138,21 +106,36 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.empty(self.heads))
         self.norm = RMSNorm(self.d_inner, cfg.norm.eps)
         self.out_proj = make_linear(cfg, "mixer", self.d_inner, cfg.dim)
-        self.out_proj.is_residual_out = True
 
     @torch.no_grad()
-    def reset_parameters_for_init(self, cfg: ModelConfig) -> None:
-        """Mamba's init: A in [-16, -1], dt log-uniform in [dt_min, dt_max] through softplus."""
+    def init_weights(self, rule: InitRule) -> None:
+        """Projections by the stack's rule; Mamba's own init for the rest: A in [-16, -1], dt
+        log-uniform in [dt_min, dt_max] through softplus, D = 1, PyTorch's conv default."""
         m = self.mcfg
+        rule.linear(self.in_proj, "ffn")
+        rule.linear(self.out_proj, "out")
+        self.norm.weight.fill_(1.0)
         self.conv.reset_parameters()
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
         dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(m.dt_min), math.log(m.dt_max)))
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.D.fill_(1.0)
 
-    def init_state(self, batch: int, max_len: int, dtype, device) -> MambaState:
+    def new_state(self, batch: int, max_len: int, dtype, device) -> MambaState:
         m = self.mcfg
         return MambaState(batch, self.conv_dim, m.d_conv, self.heads, m.head_dim, m.d_state, dtype, device)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """2 per parameter (the conv weights counted once per channel and tap, which is what
+        they cost), and the chunked SSD scan per token: within its chunk of T tokens, C.B scores
+        and their product with x (2 * H * T * (N + P)), and the chunk-state terms (B x into the
+        state and C reading it: 2 * 2 * H * P * N)."""
+        m = self.mcfg
+        proj = 2.0 * (self.active_parameters() - self.conv.weight.numel())
+        conv = 2.0 * self.conv_dim * m.d_conv
+        T = min(m.chunk_size, seq_len)
+        scan = 2.0 * self.heads * T * (m.d_state + m.head_dim) + 4.0 * self.heads * m.head_dim * m.d_state
+        return proj + conv + scan
 
     def _conv(self, xbc: torch.Tensor, state: Optional[MambaState]) -> torch.Tensor:
         """Causal depthwise conv over time; the state's window replaces the zero padding."""
@@ -165,7 +148,7 @@ class Mamba(nn.Module):
             state.conv.copy_(full[:, :, full.shape[-1] - (k - 1):])
         return F.silu(F.conv1d(full, self.conv.weight, self.conv.bias, groups=Cd)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, ctx=None, state: Optional[MambaState] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None, state: Optional[MambaState] = None):
         B, L, _ = x.shape
         m, H, P = self.mcfg, self.heads, self.mcfg.head_dim
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
@@ -193,4 +176,4 @@ class Mamba(nn.Module):
             state.ssm.copy_(final)
         y = y + xs.float() * self.D.float()[:, None]  # skip connection D x
         y = y.reshape(B, L, self.d_inner).to(x.dtype)
-        return self.out_proj(self.norm(y * F.silu(z)))  # gated RMSNorm (Mamba-2)
+        return self.out_proj(self.norm(y * F.silu(z))), None  # gated RMSNorm (Mamba-2)

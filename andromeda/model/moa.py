@@ -1,7 +1,7 @@
 """Mixture of Attention Heads (Zhang et al. 2022, "MoA"; JetMoE, Shen et al. 2024).
 
-Offers `MoAConfig` (`extras['moa']`) and `MixtureOfAttentionHeads`, a mixer that stands in
-for attention (selected per layer by `andromeda.model.layout`).
+Offers `MixtureOfAttentionHeads`, the 'moa' mixer of the layer plan (options in the config's
+`moa` section; the combinations it cannot serve are refused by the config).
 
 Each expert owns a query projection and an output projection for `heads // top_k` heads;
 keys and values are one shared projection (`wkv`, `attention.kv_heads` heads), so the KV
@@ -14,49 +14,26 @@ gate. Load balancing and z-losses are added as 'moa_balance' / 'moa_z'.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from andromeda.errors import check
-from andromeda.infer.cache import KVCache
 from andromeda.model.attention import ScoreOptions
 from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import parse_family
+from andromeda.model.layer import InitRule, Mixer
 from andromeda.model.linear import linear_kind, make_linear
+from andromeda.model.state import Context, KVCache
 from andromeda.model.moe import TopKRouter, chosen_experts, combine, dispatch, grouped_matmul, per_token_matmul
 
 
-@dataclass
-class MoAConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    balance_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-
-    def __post_init__(self):
-        check(isinstance(self.num_experts, int) and self.num_experts >= 1,
-              f"extras.moa.num_experts must be >= 1, got {self.num_experts!r}")
-        check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
-              f"extras.moa.top_k={self.top_k!r} must be between 1 and num_experts ({self.num_experts})")
-        check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "extras.moa loss weights must be >= 0")
-
-
-class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
+class MixtureOfAttentionHeads(ScoreOptions, Mixer, TernaryWeights):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        m = self.mcfg = parse_family(MoAConfig, cfg, "moa")
+        m = self.mcfg = cfg.moa
         a = cfg.attention
-        check(a.heads % m.top_k == 0, f"extras.moa.top_k ({m.top_k}) must divide attention.heads ({a.heads})")
         self.expert_heads = a.heads // m.top_k
-        check(self.expert_heads % a.kv_heads == 0,
-              f"attention.heads / extras.moa.top_k ({self.expert_heads}) must be divisible by attention.kv_heads "
-              f"({a.kv_heads})")
-        check(cfg.alibi_heads == 0, "Mixture of Attention Heads does not support ALiBi; set position.alibi_heads=0")
         self.k, self.kv_heads, self.head_dim = m.top_k, a.kv_heads, cfg.head_dim
         self.q_width = self.expert_heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
@@ -72,24 +49,35 @@ class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
         self._init_score_options(cfg)  # ALiBi is refused above, so no slopes are set
 
     @torch.no_grad()
-    def reset_parameters_for_init(self, cfg: ModelConfig) -> None:
-        self.w_q.normal_(0.0, cfg.init_std)
-        self.w_o.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.depth))  # writes the residual
+    def init_weights(self, rule: InitRule) -> None:
+        rule.linear(self.router.proj, "gate")
+        k, v = self.wkv.weight.split([self.kv_width, self.kv_width], dim=0)
+        rule.matrix(k, "qk")
+        rule.matrix(v, "value")
+        if self.wkv.bias is not None:
+            self.wkv.bias.zero_()
+        rule.stacked(self.w_q, "qk")
+        rule.stacked(self.w_o, "out")
 
-    def inactive_parameters(self) -> int:
-        return (self.mcfg.num_experts - self.mcfg.top_k) * self.expert_numel
+    def active_parameters(self) -> int:
+        return super().active_parameters() - (self.mcfg.num_experts - self.mcfg.top_k) * self.expert_numel
 
-    def init_state(self, batch: int, max_len: int, dtype, device) -> KVCache:
+    def flops_per_token(self, seq_len: int) -> float:
+        """The active parameters (router, shared k/v projection, the k chosen experts' q and
+        output projections) and attention scores over the k * heads/k query heads a token gets."""
+        return 2.0 * self.active_parameters() + self.score_flops_per_token(seq_len, self.k * self.expert_heads)
+
+    def new_state(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, max_len, self.kv_heads, self.head_dim, dtype, device)
 
     def _weight(self, name: str) -> torch.Tensor:
         return self.ternary_weight(name) if self.bitnet else getattr(self, name)
 
-    def forward(self, x: torch.Tensor, ctx, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context, cache: Optional[KVCache] = None):
         B, L, D = x.shape
         N, k, he, hd = B * L, self.k, self.expert_heads, self.head_dim
         flat = x.reshape(N, D)
-        gates, ids = self.router(flat, ctx)  # (N, k)
+        gates, ids, aux = self.router(flat, ctx.report)  # (N, k)
         per_token = L == 1  # decoding: gather each token's experts (no sort; compiles)
         if per_token:
             xs = flat.repeat_interleave(k, dim=0)  # (token, slot) order
@@ -107,9 +95,9 @@ class MixtureOfAttentionHeads(ScoreOptions, nn.Module, TernaryWeights):
         if per_token:
             o = quantize_activation(out) if self.bitnet else out
             y = (per_token_matmul(o, chosen_experts(self, "w_o", ids)).view(N, k, D) * gates[..., None]).sum(dim=1)
-            return y.view(B, L, D)
+            return y.view(B, L, D), aux
         o_sorted = out.index_select(0, d.order)
         if self.bitnet:
             o_sorted = quantize_activation(o_sorted)
         y = combine(grouped_matmul(o_sorted, self._weight("w_o"), d.counts), gates, d, N)
-        return y.view(B, L, D)
+        return y.view(B, L, D), aux

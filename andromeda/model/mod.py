@@ -1,7 +1,8 @@
 """Mixture-of-Depths (Raposo et al. 2024): route only some tokens through a block.
 
-Offers `MoDConfig` (`extras['mod']`), `MoDBlock` (a wrapper that `build_block` puts around
-the blocks chosen by `andromeda.model.layout`) and `MoDState` (its inference state).
+Offers `MixtureOfDepths`, the 'mod' routing of the layer plan (options in the config's `mod`
+section): the block calls it with its own residual body, and it decides which tokens go through;
+`RouteState` is its inference state, and `no_routing`, the 'none' entry of the table.
 
 Training (model.train(), no cache), as in the paper: a linear router scores every token;
 the top `capacity * L` tokens of each sequence go through the block, the rest pass by on
@@ -22,66 +23,40 @@ routed token is written in the block's own state. The training-mode forward is n
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.errors import check
-from andromeda.infer.cache import recurrent_buffers
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import parse_family
+from andromeda.model.layer import InitRule
 from andromeda.model.linear import make_linear
 from andromeda.model.position import Rotary
+from andromeda.model.state import Aux, Context, LayerState, Positions, merge_aux, recurrent_buffers, row_view
+
+Body = Callable[[torch.Tensor, Context, Optional[LayerState]], tuple[torch.Tensor, Optional[Aux]]]
+"""A block's residual computation: (x, ctx, state) -> (x after the block, aux)."""
 
 
-@dataclass
-class MoDConfig:
-    capacity: float = 0.125
-    """Share of a sequence's tokens that a routed block processes in training (paper: 12.5%)."""
-    predictor_hidden: int = 64
-    """Hidden width of the causal predictor MLP used at inference; 0 makes it linear."""
-    predictor_loss_weight: float = 1.0
-    """Weight of its BCE loss; it trains only the predictor (its input is detached)."""
-
-    def __post_init__(self):
-        check(isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1,
-              f"extras.mod.capacity must be in (0, 1], got {self.capacity!r}")
-        check(isinstance(self.predictor_hidden, int) and self.predictor_hidden >= 0,
-              "extras.mod.predictor_hidden must be an integer >= 0")
-        check(self.predictor_loss_weight >= 0, "extras.mod.predictor_loss_weight must be >= 0")
+def no_routing(cfg: ModelConfig, layer_idx: int = 0) -> None:
+    """Every token goes through every block: no routing module at all."""
+    return None
 
 
-class MoDState(nn.Module):
-    def __init__(self, batch: int, block_state: nn.Module, device=None):
+class RouteState(nn.Module):
+    """Per sequence, how many tokens went through the block: where its next routed token goes."""
+
+    def __init__(self, batch: int, device=None):
         super().__init__()
         self.register_buffer("count", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
-        self.block = block_state
 
 
-def row_view(state: Optional[nn.Module], b: int) -> Optional[nn.Module]:
-    """A shallow copy of a state tree whose buffers are views of batch row b, so the
-    block's in-place cache writes land in the full batch's buffers."""
-    if state is None:
-        return None
-    view = state.__class__.__new__(state.__class__)
-    view.__dict__ = dict(state.__dict__)
-    view.__dict__["_buffers"] = {k: None if v is None else v[b:b + 1] for k, v in state._buffers.items()}
-    view.__dict__["_modules"] = {k: row_view(m, b) for k, m in state._modules.items()}
-    return view
-
-
-class MoDBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, block: nn.Module, layer_idx: int = 0):
+class MixtureOfDepths(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        m = self.mcfg = parse_family(MoDConfig, cfg, "mod")
-        check(cfg.norm.placement == "pre",
-              "Mixture-of-Depths needs norm.placement='pre' (it scales the block's residual update)")
-        self.block = block
+        m = self.mcfg = cfg.mod
         self.router = make_linear(cfg, "router", cfg.dim, 1)
         if m.predictor_hidden:
             self.predictor = nn.Sequential(nn.Linear(cfg.dim, m.predictor_hidden), nn.SiLU(),
@@ -91,63 +66,78 @@ class MoDBlock(nn.Module):
         self.rotary = Rotary(cfg) if cfg.position.rotary else None
         self.layer_idx = layer_idx
 
-    def init_state(self, batch: int, max_len: int, dtype, device) -> MoDState:
-        return MoDState(batch, self.block.init_state(batch, max_len, dtype, device), device)
+    @torch.no_grad()
+    def init_weights(self, rule: InitRule) -> None:
+        rule.linear(self.router, "gate")
+        for m in self.predictor.modules():
+            if isinstance(m, nn.Linear):
+                rule.linear(m, "gate")
 
-    def _sub_context(self, ctx, start: int, n: int, device, dtype, doc_ids):
-        positions = start + torch.arange(n, device=device)
-        rotary = self.rotary(positions, dtype) if self.rotary is not None else None
-        # dataclasses.replace keeps the aux_losses/stats dicts, so inner layers report to ctx.
-        return dataclasses.replace(ctx, positions=positions, start_pos=start, rotary=rotary,
-                                   plain_causal=start == 0, doc_ids=doc_ids)
+    def flops_per_token(self, block_flops: float) -> float:
+        """Router and predictor on every token; the block on the routed share of them."""
+        own = 2.0 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+        return own + self.mcfg.capacity * block_flops
 
-    def forward(self, x: torch.Tensor, ctx, state: Optional[MoDState] = None) -> torch.Tensor:
+    def new_state(self, batch: int, device) -> RouteState:
+        return RouteState(batch, device)
+
+    def _context(self, ctx: Context, start, n: int, device, dtype, doc_ids) -> Context:
+        pos = Positions.make(start, n, device, doc_ids)
+        rotary = self.rotary(pos.ids, dtype) if self.rotary is not None else None
+        return Context(pos, rotary, ctx.report)
+
+    def forward(self, x: torch.Tensor, ctx: Context, body: Body, state: Optional[LayerState] = None):
         logits = self.router(x).squeeze(-1).float()  # (B, L)
         weight = torch.sigmoid(logits).to(x.dtype)  # scales the block update: trains the router
         if self.training and state is None:
-            return self._train_forward(x, ctx, logits, weight)
-        return self._causal_forward(x, ctx, state, weight)
+            return self._train_forward(x, ctx, body, logits, weight)
+        chosen = self.predictor(x).squeeze(-1) > 0  # (B, L): each token decides alone
+        aux = Aux(stats={f"mod_fraction/layer{self.layer_idx}": chosen.float().mean().detach()}) if ctx.report \
+            else None
+        if state is None:
+            y, inner = self._uncached_forward(x, ctx, body, chosen, weight)
+        elif x.shape[1] == 1:
+            y, inner = self._decode_forward(x, ctx, body, state, chosen, weight)
+        else:
+            y, inner = self._prefill_forward(x, ctx, body, state, chosen, weight)
+        return y, merge_aux(aux, inner)
 
-    def _train_forward(self, x, ctx, logits, weight):
+    def _train_forward(self, x, ctx, body, logits, weight):
         B, L, D = x.shape
         C = min(L, max(1, math.ceil(self.mcfg.capacity * L)))
         idx = logits.topk(C, dim=-1).indices.sort(dim=-1).values  # (B, C) in time order
         chosen = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, idx, True)
         pred = self.predictor(x.detach()).squeeze(-1).float()
         bce = F.binary_cross_entropy_with_logits(pred, chosen.float())
-        ctx.add_aux_loss("mod_predictor", self.mcfg.predictor_loss_weight * bce)
-        ctx.stats[f"mod_predictor_acc/layer{self.layer_idx}"] = ((pred > 0) == chosen).float().mean().detach()
+        aux = Aux(losses={"mod_predictor": self.mcfg.predictor_loss_weight * bce},
+                  stats={f"mod_predictor_acc/layer{self.layer_idx}": ((pred > 0) == chosen).float().mean().detach()})
         gather = idx[..., None].expand(B, C, D)
         sub = x.gather(1, gather)  # (B, C, D)
-        doc = ctx.doc_ids.gather(1, idx) if ctx.doc_ids is not None else None
-        y = self.block(sub, self._sub_context(ctx, 0, C, x.device, x.dtype, doc))
+        doc = ctx.positions.doc_ids.gather(1, idx) if ctx.positions.doc_ids is not None else None
+        y, inner = body(sub, self._context(ctx, 0, C, x.device, x.dtype, doc), None)
         delta = (y - sub) * weight.gather(1, idx)[..., None]
-        return x + torch.zeros_like(x).scatter(1, gather, delta)
+        return x + torch.zeros_like(x).scatter(1, gather, delta), aux.add(inner)
 
-    def _causal_forward(self, x, ctx, state, weight):
-        B = x.shape[0]
-        chosen = self.predictor(x).squeeze(-1) > 0  # (B, L): each token decides alone
-        ctx.stats[f"mod_fraction/layer{self.layer_idx}"] = chosen.float().mean().detach()
-        if state is None:
-            return self._uncached_forward(x, ctx, chosen, weight)
-        if x.shape[1] == 1:
-            return self._decode_forward(x, ctx, state, chosen, weight)
-        out = x.clone()
-        for b in range(B):  # sequences route different numbers of tokens
+    def _prefill_forward(self, x, ctx, body, state, chosen, weight):
+        """Cached prefill: sequences route different numbers of tokens, so one row at a time,
+        each continuing at its own routed count."""
+        out, aux = x.clone(), None
+        doc_ids = ctx.positions.doc_ids
+        for b in range(x.shape[0]):
             sel = chosen[b].nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
-            start = int(state.count[b]) if state is not None else 0
-            doc = ctx.doc_ids[b:b + 1, sel] if ctx.doc_ids is not None else None
+            start = int(state.route.count[b])
+            doc = doc_ids[b:b + 1, sel] if doc_ids is not None else None
             sub = x[b:b + 1, sel]
-            sub_ctx = self._sub_context(ctx, start, sel.numel(), x.device, x.dtype, doc)
-            y = self.block(sub, sub_ctx, row_view(state.block, b) if state is not None else None)
+            y, inner = body(sub, self._context(ctx, start, sel.numel(), x.device, x.dtype, doc),
+                            row_view(state, slice(b, b + 1)))
             out[b, sel] = (sub + (y - sub) * weight[b, sel][None, :, None])[0]
-        if state is not None:
-            state.count += chosen.sum(dim=1)
-        return out
+            aux = merge_aux(aux, inner)
+        state.route.count += chosen.sum(dim=1)
+        return out, aux
 
-    def _uncached_forward(self, x, ctx, chosen, weight):
+    def _uncached_forward(self, x, ctx, body, chosen, weight):
         """Eval forward without a cache, all rows in one block call. Each row's routed tokens
         are packed to the front in time order and the row is padded on the right with its
         unrouted tokens (as many as the longest row needs). The block is causal, so padding
@@ -157,33 +147,31 @@ class MoDBlock(nn.Module):
         counts = chosen.sum(dim=1)  # (B,)
         C = int(counts.max())
         if C == 0:
-            return x
+            return x, None
         steps = torch.arange(L, device=x.device)
         order = torch.where(chosen, steps, steps + L).argsort(dim=1)[:, :C]  # (B, C): routed first
         valid = (torch.arange(C, device=x.device) < counts[:, None]).to(x.dtype)
         gather = order[..., None].expand(B, C, D)
         sub = x.gather(1, gather)
-        doc = ctx.doc_ids.gather(1, order) if ctx.doc_ids is not None else None
-        y = self.block(sub, self._sub_context(ctx, 0, C, x.device, x.dtype, doc))
+        doc_ids = ctx.positions.doc_ids
+        doc = doc_ids.gather(1, order) if doc_ids is not None else None
+        y, inner = body(sub, self._context(ctx, 0, C, x.device, x.dtype, doc), None)
         delta = (y - sub) * (weight.gather(1, order) * valid)[..., None]
-        return x.scatter_add(1, gather, delta)
+        return x.scatter_add(1, gather, delta), inner
 
-    def _decode_forward(self, x, ctx, state, chosen, weight):
+    def _decode_forward(self, x, ctx, body, state, chosen, weight):
         """One token per sequence (decoding), with no shape that depends on the routing, so
         the step compiles into one graph. Every row runs the block at its own routed position
-        (`state.count`); a row whose token skips the block keeps its residual stream and gets
-        its recurrent block states (token shift, Mamba) back. Its attention write lands in
-        the slot its next routed token will overwrite, which no query reads before then."""
-        pos = state.count.clone()  # (B,) where each row's next routed token goes
-        positions = pos[:, None]
-        rotary = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        sub_ctx = dataclasses.replace(ctx, positions=positions, start_pos=pos, rotary=rotary,
-                                      plain_causal=False, doc_ids=None)
-        recurrent = recurrent_buffers(state.block)
+        (the route state's count); a row whose token skips the block keeps its residual stream
+        and gets its recurrent block states (token shift, Mamba) back. Its attention write
+        lands in the slot its next routed token will overwrite, which no query reads before then."""
+        count = state.route.count
+        recurrent = [buf for name, part in state.named_children() if name != "route"
+                     for buf in recurrent_buffers(part)]
         saved = [buf.clone() for buf in recurrent]
-        y = self.block(x, sub_ctx, state.block)
+        y, inner = body(x, self._context(ctx, count.clone(), 1, x.device, x.dtype, None), state)
         keep = chosen[:, 0]
         for buf, old in zip(recurrent, saved):
             buf.copy_(torch.where(keep.view(-1, *([1] * (buf.dim() - 1))), buf, old))
-        state.count += keep
-        return x + (y - x) * (weight * chosen.to(weight.dtype))[..., None]
+        count += keep
+        return x + (y - x) * (weight * chosen.to(weight.dtype))[..., None], inner

@@ -2,23 +2,21 @@
 Switch, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
 
 Offers:
-- `MoEConfig`: `extras['moe']`, validated (top-k vs experts, loss weights, capacity).
 - `TopKRouter`: softmax gates over experts, top-k per token, the load-balancing loss
   E * sum_e f_e * P_e (Switch eq. 4) and the router z-loss mean(logsumexp(logits)^2)
-  (ST-MoE, Zoph et al. 2022), both added to `ctx.add_aux_loss` already weighted; per-expert
-  load in `ctx.stats`. Shared with Mixture of Attention Heads (`moa.py`).
+  (ST-MoE, Zoph et al. 2022), both returned already weighted in an `Aux` with the per-expert
+  load. Shared with Mixture of Attention Heads (`moa.py`).
 - `dispatch` / `grouped_matmul` / `combine`: tokens sorted by expert, one matmul per expert
   over a contiguous slice (or one `torch._grouped_mm` on CUDA), results scattered back with
   `index_add`; there is no Python loop over tokens.
-- `MoE`: the FFN (gated or plain experts as `cfg.mlp.kind`), optional always-on shared
-  expert (DeepSeekMoE, Dai et al. 2024), no token dropping unless `capacity_factor` is set,
-  BitNet ternary experts when `extras['linear']['mlp'] == 'bitnet'`, and
-  `inactive_parameters()` so parameter counts report active parameters per token.
+- `MoE`: the FFN (options in the config's `moe` section; gated or plain experts as
+  `mlp.kind`), optional always-on shared expert (DeepSeekMoE, Dai et al. 2024), no token
+  dropping unless `capacity_factor` is set, BitNet ternary experts when `linear.mlp` is
+  'bitnet'. Active parameters and FLOPs count the k experts a token reaches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -26,42 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from andromeda.errors import check
 from andromeda.model.bitlinear import TernaryWeights, quantize_activation, quantize_weight
 from andromeda.model.config import ModelConfig
-from andromeda.model.layout import parse_family
+from andromeda.model.layer import FFN, InitRule
 from andromeda.model.linear import linear_kind, make_linear
-from andromeda.model.mlp import _ACT, GatedMLP, PlainMLP
-
-
-@dataclass
-class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    hidden_dim: Optional[int] = None
-    """Hidden width of each expert; None means the dense FFN width (cfg.mlp)."""
-    shared_expert: bool = False
-    """Add one always-active dense expert of width shared_hidden_dim (default: hidden_dim)."""
-    shared_hidden_dim: Optional[int] = None
-    normalize_top_k: bool = True
-    """Renormalise the k selected gates to sum to 1 (Mixtral); False keeps raw softmax (Switch)."""
-    balance_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    capacity_factor: Optional[float] = None
-    """None: every token reaches its k experts. A number: each expert takes at most
-    capacity_factor * tokens * k / experts assignments per call; the rest are dropped."""
-
-    def __post_init__(self):
-        check(isinstance(self.num_experts, int) and self.num_experts >= 1,
-              f"extras.moe.num_experts must be >= 1, got {self.num_experts!r}")
-        check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
-              f"extras.moe.top_k={self.top_k!r} must be between 1 and num_experts ({self.num_experts})")
-        check(self.hidden_dim is None or self.hidden_dim >= 1, "extras.moe.hidden_dim must be >= 1")
-        check(self.shared_hidden_dim is None or self.shared_hidden_dim >= 1,
-              "extras.moe.shared_hidden_dim must be >= 1")
-        check(self.balance_loss_weight >= 0 and self.z_loss_weight >= 0, "extras.moe loss weights must be >= 0")
-        check(self.capacity_factor is None or self.capacity_factor > 0,
-              f"extras.moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+from andromeda.model.mlp import ACTIVATIONS, dense_ffn
+from andromeda.model.state import Aux
 
 
 class TopKRouter(nn.Module):
@@ -73,23 +41,25 @@ class TopKRouter(nn.Module):
         self.balance_weight, self.z_weight = balance_weight, z_weight
         self.family, self.stats_key = family, f"{family}_load/layer{layer_idx}"
 
-    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) -> gates (N, k) in x.dtype and expert ids (N, k)."""
+    def forward(self, x: torch.Tensor, report: bool = True) -> tuple[torch.Tensor, torch.Tensor, Optional[Aux]]:
+        """x (N, D) -> gates (N, k) in x.dtype, expert ids (N, k), and (when `report`) the
+        per-expert load and, in training, the weighted balance and z-losses."""
         logits = self.proj(x).float()  # (N, E); routing in float32 for stable softmax
         probs = logits.softmax(dim=-1)
         gates, ids = probs.topk(self.top_k, dim=-1)
         if self.normalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        if ctx is not None:
+        aux = None
+        if report:
             load = torch.bincount(ids.reshape(-1), minlength=self.num_experts).float() / ids.numel()
-            ctx.stats[self.stats_key] = load.detach()  # (E,) share of assignments per expert
+            aux = Aux(stats={self.stats_key: load.detach()})  # (E,) share of assignments per expert
             if self.training:
                 balance = self.num_experts * (load * probs.mean(dim=0)).sum()
                 z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-                # Named per family and summed over layers by the context.
-                ctx.add_aux_loss(self.family + "_balance", self.balance_weight * balance)
-                ctx.add_aux_loss(self.family + "_z", self.z_weight * z_loss)
-        return gates.to(x.dtype), ids
+                # Named per family; the model sums them over layers.
+                aux.losses[self.family + "_balance"] = self.balance_weight * balance
+                aux.losses[self.family + "_z"] = self.z_weight * z_loss
+        return gates.to(x.dtype), ids, aux
 
 
 @dataclass
@@ -155,13 +125,13 @@ def combine(y: torch.Tensor, gates: torch.Tensor, d: Dispatch, n_tokens: int) ->
     return y.new_zeros(n_tokens, y.shape[-1]).index_add(0, d.token, y)
 
 
-class MoE(nn.Module, TernaryWeights):
+class MoE(FFN, TernaryWeights):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        m = self.mcfg = parse_family(MoEConfig, cfg, "moe")
+        m = self.mcfg = cfg.moe
         self.hidden = m.hidden_dim or cfg.mlp.resolved_hidden(cfg.dim)
         self.gated = cfg.mlp.gated
-        self.act = _ACT[cfg.mlp.kind]
+        self.act = ACTIVATIONS[cfg.mlp.kind]
         E = m.num_experts
         self.router = TopKRouter(cfg, cfg.dim, E, m.top_k, m.normalize_top_k, m.balance_loss_weight,
                                  m.z_loss_weight, "moe", layer_idx)
@@ -173,18 +143,18 @@ class MoE(nn.Module, TernaryWeights):
         self.expert_numel = cfg.dim * in_width + self.hidden * cfg.dim
         self.shared = None
         if m.shared_expert:
-            width = m.shared_hidden_dim or self.hidden
-            shared_cfg = dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, hidden_dim=width))
-            self.shared = GatedMLP(shared_cfg) if self.gated else PlainMLP(shared_cfg)
-        self.depth = cfg.depth
+            self.shared = dense_ffn(cfg, layer_idx, hidden=m.shared_hidden_dim or self.hidden)
 
     @torch.no_grad()
-    def reset_parameters_for_init(self, cfg: ModelConfig) -> None:
-        self.w_in.normal_(0.0, cfg.init_std)
-        self.w_out.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.depth))  # writes the residual
+    def init_weights(self, rule: InitRule) -> None:
+        rule.linear(self.router.proj, "gate")
+        rule.stacked(self.w_in, "ffn")
+        rule.stacked(self.w_out, "out")
+        if self.shared is not None:
+            self.shared.init_weights(rule)
 
-    def inactive_parameters(self) -> int:
-        return (self.mcfg.num_experts - self.mcfg.top_k) * self.expert_numel
+    def active_parameters(self) -> int:
+        return super().active_parameters() - (self.mcfg.num_experts - self.mcfg.top_k) * self.expert_numel
 
     def _weight(self, name: str) -> torch.Tensor:
         return self.ternary_weight(name) if self.bitnet else getattr(self, name)
@@ -193,17 +163,17 @@ class MoE(nn.Module, TernaryWeights):
         f = self.mcfg.capacity_factor
         return None if f is None else max(1, math.ceil(f * n_tokens * self.mcfg.top_k / self.mcfg.num_experts))
 
-    def forward(self, x: torch.Tensor, ctx=None, state=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None, state=None):
         B, L, D = x.shape
         flat = x.reshape(B * L, D)
-        gates, ids = self.router(flat, ctx)  # (N, k)
+        gates, ids, aux = self.router(flat, ctx is None or ctx.report)  # (N, k)
         if L == 1 and self.mcfg.capacity_factor is None:  # decoding: one token per sequence
             y = self._per_token(flat, gates, ids)
         else:
             y = self._sorted(flat, gates, ids)
         if self.shared is not None:
-            y = y + self.shared(flat)
-        return y.view(B, L, D)
+            y = y + self.shared(flat)[0]
+        return y.view(B, L, D), aux
 
     def _experts_act(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from andromeda.model.config import ModelConfig, PositionConfig
+from andromeda.model.layer import DerivedBuffers
 
 
 def rope_inverse_frequencies(p: PositionConfig, rot_dim: int, max_seq_len: int) -> tuple[torch.Tensor, float]:
@@ -71,13 +72,13 @@ def rope_inverse_frequencies(p: PositionConfig, rot_dim: int, max_seq_len: int) 
 
 
 class RotaryTables(NamedTuple):
-    cos: torch.Tensor  # (L, rot_dim) in the compute dtype; (B, 1, L, rot_dim) per sequence
-    sin: torch.Tensor  # (L, rot_dim)
-    xpos_q: Optional[torch.Tensor]  # (L, rot_dim) multiplier for q, None without xPos
-    xpos_k: Optional[torch.Tensor]  # (L, rot_dim) multiplier for k
+    cos: torch.Tensor  # (B or 1, 1, L, rot_dim) in the compute dtype
+    sin: torch.Tensor  # (B or 1, 1, L, rot_dim)
+    xpos_q: Optional[torch.Tensor]  # (B or 1, 1, L, rot_dim) multiplier for q, None without xPos
+    xpos_k: Optional[torch.Tensor]  # multiplier for k
 
 
-class Rotary(nn.Module):
+class Rotary(DerivedBuffers, nn.Module):
     """Computes rotary tables for a vector of absolute positions."""
 
     def __init__(self, cfg: ModelConfig):
@@ -113,21 +114,17 @@ class Rotary(nn.Module):
             self.xpos_zeta = torch.cat([zeta, zeta]).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
-        """positions (L,) -> tables (L, rot); per-sequence positions (B, L) -> tables
-        (B, 1, L, rot) that broadcast over the heads of q and k (B, H, L, hd)."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (..., L, rot/2)
+        """positions (B or 1, L) -> tables (B or 1, 1, L, rot) that broadcast over the heads of
+        q and k (B, H, L, hd)."""
+        freqs = positions.float()[:, None, :, None] * self.inv_freq  # (B or 1, 1, L, rot/2)
         emb = torch.cat([freqs, freqs], dim=-1)
-        if positions.dim() == 2:
-            emb = emb[:, None]
         cos = (emb.cos() * self.attn_factor).to(dtype)
         sin = (emb.sin() * self.attn_factor).to(dtype)
         if not self.xpos:
             return RotaryTables(cos, sin, None, None)
         power = ((positions.float() - self.xpos_centre) / self.xpos_base)
-        power = power.clamp(-self.xpos_max_power, self.xpos_max_power)[..., None]
-        if positions.dim() == 2:
-            power = power[:, None]
-        scale = self.xpos_zeta ** power  # (..., L, rot)
+        power = power.clamp(-self.xpos_max_power, self.xpos_max_power)[:, None, :, None]
+        scale = self.xpos_zeta ** power  # (B or 1, 1, L, rot)
         return RotaryTables(cos, sin, scale.to(dtype), scale.reciprocal().to(dtype))
 
 

@@ -1,11 +1,14 @@
 """The decoder: embed -> blocks -> norm -> head.
 
-`Transformer(cfg)` builds every architecture of the spec from a `ModelConfig`.
-`forward(tokens, cache=None, start_pos=0, ...)` is the only entry point: training passes no
-cache; inference makes one with `new_cache(batch, max_len)` and passes it with the absolute
-position of the first token (an int, or a 0-d tensor for compiled decoding, or a (B,)
-tensor giving each sequence its own position, for batched decoding of prompts of different
-lengths).
+Offers `Transformer(cfg)` (every architecture of the spec, from a `ModelConfig`), `ModelOutput`,
+`build_model(cfg, device, dtype)` and `count_parameters(model)`.
+
+`forward(tokens, cache=None, start_pos=0, doc_ids=None, last_only=False)` is the only entry
+point and returns a `ModelOutput`: the logits with the auxiliary losses and statistics of this
+call; nothing is kept on the module. Training passes no cache; inference makes one with
+`new_cache(batch, max_len)` and passes it with the absolute position of the first token: an
+int, a 0-d tensor, or a (B,) tensor giving each sequence its own position (batched decoding of
+prompts of different lengths). The model turns that into one `Positions` for every layer.
 """
 
 from __future__ import annotations
@@ -17,29 +20,24 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from andromeda.infer.cache import ModelCache
-from andromeda.model.block import build_block
+from andromeda.model.block import Block
 from andromeda.model.config import ModelConfig
-from andromeda.model.init import init_weights
+from andromeda.model.layer import InitRule, reset_derived_buffers
 from andromeda.model.linear import make_linear
 from andromeda.model.norm import build_norm
-from andromeda.model.position import Rotary, RotaryTables
+from andromeda.model.position import Rotary
+from andromeda.model.state import Aux, Context, ModelCache, Positions
 
 
 @dataclasses.dataclass
-class Context:
-    """What every layer needs to know about the current forward call."""
+class ModelOutput:
+    logits: torch.Tensor  # (B, L, V), or (B, 1, V) with last_only
+    aux_losses: dict  # name -> weighted scalar, summed over layers (MoE balance, MoD predictor, ...)
+    stats: dict  # name -> detached tensor (router loads, routed fractions), for metrics
 
-    positions: torch.Tensor  # (L,) absolute positions of the input tokens, or (B, L) per sequence
-    start_pos: Union[int, torch.Tensor]
-    rotary: Optional[RotaryTables]
-    plain_causal: bool  # positions are arange(L) and keys are exactly these tokens
-    doc_ids: Optional[torch.Tensor] = None  # (B, L) document index, for packed training
-    aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> scalar, summed over layers
-    stats: dict = dataclasses.field(default_factory=dict)  # name -> tensor, for metrics
-
-    def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
-        self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
+    def aux_loss(self) -> Union[torch.Tensor, float]:
+        """The sum of the auxiliary losses (0.0 when there are none)."""
+        return sum(self.aux_losses.values()) if self.aux_losses else 0.0
 
 
 class Transformer(nn.Module):
@@ -50,7 +48,7 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position.kind == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position.rotary else None
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
-        self.layers = nn.ModuleList(build_block(cfg, i) for i in range(cfg.depth))
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.plan)
         # Post-norm and DeepNorm blocks end in a norm already.
         self.norm = build_norm(cfg.norm, cfg.dim) if cfg.norm.placement == "pre" else nn.Identity()
         self.head = make_linear(cfg, "head", cfg.dim, cfg.vocab_size, bias=False)
@@ -58,8 +56,36 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.checkpointing = cfg.block.checkpoint_activations
         if not any(p.is_meta for p in self.parameters()):
-            init_weights(self, cfg)
-        self.last_context: Optional[Context] = None
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every initialisation rule of the model: embeddings and head normal(init_std), norm
+        gains one (biases zero), and each block's sublayers by the stack's `InitRule`."""
+        rule = InitRule.for_config(self.cfg)
+        std = self.cfg.init_std
+        self.embed.weight.normal_(0.0, std)
+        if self.pos_embed is not None:
+            self.pos_embed.weight.normal_(0.0, std)
+        if not self.cfg.tie_embeddings:
+            rule.linear(self.head, "gate")  # the head reads the stream; no residual or DeepNet gain
+        for m in self.modules():  # norms everywhere (block norms, QK-norms, Mamba's gated norm)
+            if m is not self.embed and m is not self.pos_embed and isinstance(getattr(m, "weight", None),
+                                                                               torch.Tensor) and m.weight.dim() == 1:
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for block in self.layers:
+            block.mixer.init_weights(rule)
+            block.ffn.init_weights(rule)
+            if block.route is not None:
+                block.route.init_weights(rule)
+        self.reset_derived_buffers()
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute tables derived from the config (rotary frequencies, ALiBi slopes), e.g.
+        after loading onto a model built on the meta device or a change of dtype."""
+        reset_derived_buffers(self)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, dtype=None, device=None) -> ModelCache:
         """Preallocate inference state for `batch` sequences of up to `max_len` tokens."""
@@ -67,67 +93,57 @@ class Transformer(nn.Module):
         p = next(self.parameters())
         dtype = dtype or p.dtype
         device = device or p.device
-        return ModelCache([layer.init_state(batch, max_len, dtype, device) for layer in self.layers],
+        return ModelCache([layer.new_state(batch, max_len, dtype, device) for layer in self.layers],
                           max_len=max_len, batch=batch)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[ModelCache] = None,
                 start_pos: Union[int, torch.Tensor] = 0, doc_ids: Optional[torch.Tensor] = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
-        """tokens (B, L) -> logits (B, L, V), or (B, 1, V) with last_only, or the final
-        hidden states (B, L, D) with return_hidden. `self.last_context` keeps the auxiliary
-        losses and statistics of this call (MoE balance loss, router loads)."""
+                last_only: bool = False) -> ModelOutput:
+        """tokens (B, L) -> ModelOutput with logits (B, L, V), or (B, 1, V) with last_only."""
         B, L = tokens.shape
         if cache is not None and doc_ids is not None:
             raise ValueError("document masks are for packed training; they do not combine with a cache")
-        steps = torch.arange(L, device=tokens.device)
-        per_sequence = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
-        positions = start_pos[:, None] + steps if per_sequence else start_pos + steps  # (L,) or (B, L)
+        pos = Positions.make(start_pos, L, tokens.device, doc_ids)
         x = self.embed(tokens)  # (B, L, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+            x = x + self.pos_embed(pos.ids)
         x = self.embed_dropout(x)
-        rotary = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        plain = isinstance(start_pos, int) and start_pos == 0
-        ctx = Context(positions, start_pos, rotary, plain, doc_ids)
+        rotary = self.rotary(pos.ids, x.dtype) if self.rotary is not None else None
+        ctx = Context(pos, rotary, report=cache is None)
+        aux = Aux()
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = _checkpointed(layer, x, ctx, state)
+                x, layer_aux = _checkpointed(layer, x, ctx, state)
             else:
-                x = layer(x, ctx, state)
-        self.last_context = ctx
+                x, layer_aux = layer(x, ctx, state)
+            aux.add(layer_aux)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        return x if return_hidden else self.head(x)
+        return ModelOutput(self.head(self.norm(x)), aux.losses, aux.stats)
 
 
-def _checkpointed(layer: nn.Module, x: torch.Tensor, ctx: Context, state) -> torch.Tensor:
-    """Run `layer` under activation checkpointing. The backward pass runs the layer a second
-    time; if it reported to `ctx` directly, that recomputation would add every auxiliary loss
-    and statistic again (after the loss was already taken) and keep the recomputed graph
-    alive through `last_context`. So the layer reports to a private context whose contents
-    are returned as outputs of the checkpointed call, and only the first run's are merged."""
+def _checkpointed(layer: nn.Module, x: torch.Tensor, ctx: Context, state):
+    """Run `layer` under activation checkpointing (recomputed in the backward pass). Its aux
+    losses and statistics are outputs of the checkpointed call, so the recomputation adds
+    nothing to them."""
     def run(x):
-        local = dataclasses.replace(ctx, aux_losses={}, stats={})
-        return layer(x, local, state), local.aux_losses, local.stats
+        y, aux = layer(x, ctx, state)
+        return (y, aux.losses, aux.stats) if aux is not None else (y, {}, {})
 
-    y, aux_losses, stats = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-    for name, value in aux_losses.items():
-        ctx.add_aux_loss(name, value)
-    ctx.stats.update(stats)
-    return y
+    y, losses, stats = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    return y, Aux(losses, stats)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token). Modules that route tokens to a subset of their weights
-    (experts) report the unused part through `inactive_parameters()`."""
+def count_parameters(model: Transformer) -> tuple[int, int]:
+    """(total, active per token): the active count leaves out experts a token is not routed to
+    (each layer reports its own through `active_parameters`)."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
+    inactive = sum(sum(p.numel() for p in block.parameters()) - block.active_parameters() for block in model.layers)
     return total, total - inactive
 
 

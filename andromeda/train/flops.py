@@ -2,28 +2,19 @@
 
 Offers `flops_per_token(model, seq_len)`, `device_peak_flops(device, dtype)` and `mfu(...)`.
 
-Formula (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B), per token of a
-training step (forward + backward = 3x forward):
-
-    6 * N  +  12 * n_attn * H * d_head * T_eff
-
-- N: parameters a token actually multiplies: active parameters (experts a token is not routed
-  to are left out) minus lookup tables (token and learned position embeddings, which cost no
-  matmul), plus the output head even when it is tied to the embedding.
-- the second term is the q.k^T and p.v matmuls: 2 * 2 * H * d_head * T_eff per token forward,
-  times 3. T_eff is the sequence length, or the sliding window when it is shorter. Like
-  PaLM and nanoGPT we count the full T x T score matrix, not the causal half, so MFU figures
-  compare with theirs.
-"""
-
+Per token of a training step, forward + backward = 3x forward (Kaplan et al. 2020; PaLM,
+Chowdhery et al. 2022, appendix B). The forward count is what each layer reports through the
+layer contract (`flops_per_token`: 2 per multiply-add of its matrix products for the experts a
+token reaches, attention scores over the full span as PaLM and nanoGPT count them, Mamba's scan;
+Mixture-of-Depths blocks at their routed share), plus the output head and final norm. Lookup
+tables (embeddings) cost no matmul. For a dense decoder this is nanoGPT's
+6N + 12 * layers * H * d * T, N the parameters less the embeddings (the head counted even when tied).
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 from torch import nn
-
-from andromeda.model.transformer import count_parameters
 
 # Dense (no sparsity) peak throughput per GPU from the vendors' data sheets:
 # (name fragment as torch.cuda.get_device_name reports it, bf16 FLOP/s, tf32 FLOP/s).
@@ -46,27 +37,11 @@ PEAK_FLOPS: list[tuple[str, float, float]] = [
 ]
 
 
-def _attention_layers(model: nn.Module) -> list[nn.Module]:
-    from andromeda.model.attention import Attention
-    return [m for m in model.modules() if isinstance(m, Attention)]
-
-
-def matmul_params(model: nn.Module) -> int:
-    """N of the formula: active parameters less lookup tables, plus the head's matmul."""
-    _, active = count_parameters(model)
-    lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    head = getattr(model, "head", None)
-    tied = head is not None and getattr(model, "embed", None) is not None and head.weight is model.embed.weight
-    return active - lookups + (head.weight.numel() if tied else 0)
-
-
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at context `seq_len`."""
-    attn = 0
-    for layer in _attention_layers(model):
-        span = min(seq_len, layer.window) if layer.window else seq_len
-        attn += 12 * layer.heads * layer.head_dim * span
-    return 6.0 * matmul_params(model) + attn
+    forward = sum(block.flops_per_token(seq_len) for block in model.layers)
+    forward += 2.0 * (model.head.weight.numel() + sum(p.numel() for p in model.norm.parameters()))
+    return 3.0 * forward
 
 
 def device_peak_flops(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[float]:

@@ -19,7 +19,7 @@ METRICS = "metrics.jsonl"
 
 
 def routing_metrics(stats: dict) -> dict:
-    """Layer statistics from `model.last_context.stats` as loggable values: a per-expert load
+    """Layer statistics (`ModelOutput.stats`) as loggable values: a per-expert load
     vector (share of routing assignments per expert) becomes a list plus
     `<key>/max_over_mean` (1.0 is a perfectly balanced layer, E means one expert takes
     everything); scalar statistics (Mixture-of-Depths fractions, predictor accuracy) stay

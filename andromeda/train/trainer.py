@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from andromeda.errors import UserError
+from andromeda.model.compat import upgrade_state_dict
+from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 from andromeda.train import checkpoint as ckpt
 from andromeda.train.config import TrainConfig, resolve_dtype
@@ -63,7 +65,7 @@ def evaluate(model: torch.nn.Module, loader, batches: int, device: torch.device,
     for _ in range(batches):
         x, y, doc = loader.next_batch()
         with autocast(device, dtype):
-            logits = model(x, doc_ids=doc)
+            logits = model(x, doc_ids=doc).logits
         total += cross_entropy_sum(logits, y).double()
         count += int((y != IGNORE).sum())
     model.train(was_training)
@@ -98,18 +100,20 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.raw, self.seq_len)
         self.peak_flops = device_peak_flops(device, self.dtype)
         self.last_saved: Optional[Path] = None
+        self.layer_stats: dict = {}  # statistics the model returned with the last micro-batch
 
     # ----- state -------------------------------------------------------------------------
     def resume(self, folder: Path) -> None:
         """Load weights, optimizer, step, RNG and data position from a step checkpoint."""
         folder = Path(folder)
         state = ckpt.load_train_state(folder)
-        saved = state["config"]["model"]
+        stored = state["config"]["model"]
+        saved = ModelConfig.from_dict(stored).to_dict()  # configs of older format versions are converted
         if saved != self.raw.cfg.to_dict():
             diff = _dict_diff(saved, self.raw.cfg.to_dict())
             raise UserError(f"cannot resume from {folder}: it was trained with another model config "
                             f"({diff}); use the same --preset/--config/--set or a new --out")
-        weights = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        weights = upgrade_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)), stored)
         if self.raw.cfg.tie_embeddings:
             weights["head.weight"] = weights["embed.weight"]
         self.raw.load_state_dict(weights, strict=True)
@@ -155,9 +159,10 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         for i, (x, y, doc) in enumerate(batches):
             with no_sync(self.model, i == len(batches) - 1), autocast(self.device, self.dtype):
-                logits = self.model(x, doc_ids=doc)
-                loss = cross_entropy_sum(logits, y) / targets
-                aux = self._aux_loss() / len(batches)
+                out = self.model(x, doc_ids=doc)
+                loss = cross_entropy_sum(out.logits, y) / targets
+                aux = out.aux_loss() / len(batches)
+            self.layer_stats = out.stats  # of the last micro-batch, for the metrics log
             (loss + aux).backward()
             loss_sum += loss.detach()
             aux_sum += aux.detach() if torch.is_tensor(aux) else aux
@@ -180,12 +185,6 @@ class Trainer:
         self.step += 1
         self.lr, self.grad_norm = lr, norm_value
         return loss_value
-
-    def _aux_loss(self) -> torch.Tensor:
-        context = self.raw.last_context
-        if context is None or not context.aux_losses:
-            return torch.zeros((), device=self.device)
-        return sum(context.aux_losses.values())
 
     def validate(self) -> Optional[float]:
         loader = self.make_val_loader() if self.make_val_loader else None
@@ -215,8 +214,7 @@ class Trainer:
                               "tokens_per_s": tok_s, "elapsed_s": self.elapsed}
                     if self.aux:
                         record["aux_loss"] = self.aux
-                    if self.raw.last_context is not None:
-                        record.update(routing_metrics(self.raw.last_context.stats))
+                    record.update(routing_metrics(self.layer_stats))
                     util = mfu(tok_s / self.dist.world, self.flops_per_token, self.peak_flops)
                     if util is not None:
                         record["mfu"] = util
@@ -302,7 +300,7 @@ def auto_micro_batch(model: Transformer, cfg: TrainConfig, device: torch.device,
         x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len), device=device)
         try:
             with autocast(device, dtype):
-                loss = cross_entropy_sum(model(x), x) / x.numel()
+                loss = cross_entropy_sum(model(x).logits, x) / x.numel()
             loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
