@@ -13,7 +13,7 @@ Method (benchmarks/arch_compare.md has the results):
 - Data: the text is prepared at character level, first 90% train, last 10% validation.
 - Models: every one starts from its preset's `-tiny` config (andromeda/presets.py) resized to
   one shape (`--dim`, `--depth`, context `--seq-len`, 4 query / 2 KV heads); the dense baseline
-  is that same decoder (RoPE, RMSNorm pre-norm, SwiGLU, GQA) without `extras`.
+  is that same decoder (RoPE, RMSNorm pre-norm, SwiGLU, GQA) without the family sections.
 - Matched active parameters: one knob per model, the FFN width `h` (dense MLP hidden `h`,
   each MoE expert `h / top_k`, so a token's top-k experts have the dense FFN's width), is
   searched in steps of 8 so that active parameters (`count_parameters`) come closest to the
@@ -54,23 +54,25 @@ from andromeda.model import ModelConfig, build_model, count_parameters
 from andromeda.presets import preset_dict
 
 # name -> (preset it starts from, what it adds over the dense baseline, changes to the preset's
-# extras: families removed, layout keys replaced). The two jamba-* rows and anemone-bf16-mod1
+# family sections: families removed, layout patterns replaced). The two jamba-* rows and anemone-bf16-mod1
 # are ablations that split anemone-bf16's additions over jamba apart.
 MODELS: dict[str, tuple[str, str, dict]] = {
-    "dense": ("moe-tiny", "Llama-style decoder (preset extras removed)", {"drop": ("moe",)}),
+    "dense": ("moe-tiny", "Llama-style decoder (preset families removed)", {"drop": ("moe",)}),
     "moe": ("moe-tiny", "every FFN: 4 experts, top-2", {}),
     "jamba": ("jamba-tiny", "Mamba-2 mixers, attention 1 in 4, MoE every other layer", {}),
     "jamba-moa": ("anemone-bf16-tiny", "jamba, attention as MoA heads (4 experts, top-2)", {"drop": ("mod",)}),
     "jamba-mod": ("anemone-bf16-tiny", "jamba + MoD (capacity 0.25) on blocks 0, 2",
-                  {"drop": ("moa",), "layout": {"mod_offset": 0}}),
+                  {"drop": ("moa",), "layout": {"routing": "mod,none"}}),
     # The anemone rows pin MoD to blocks 0, 2 (the placement these results were measured with);
     # the presets now route the odd blocks instead, which is the anemone-bf16-mod1 row.
-    "anemone-bf16": ("anemone-bf16-tiny", "jamba + MoD on blocks 0, 2 + MoA heads", {"layout": {"mod_offset": 0}}),
+    "anemone-bf16": ("anemone-bf16-tiny", "jamba + MoD on blocks 0, 2 + MoA heads",
+                     {"layout": {"routing": "mod,none"}}),
     "anemone-bf16-mod1": ("anemone-bf16-tiny", "anemone-bf16 with MoD on blocks 1, 3 (off attention)",
-                          {"layout": {"mod_offset": 1}}),
+                          {"layout": {"routing": "none,mod"}}),
     "bitnet": ("bitnet-tiny", "dense with ternary attention + MLP (BitLinear b1.58)", {}),
-    "anemone": ("anemone-tiny", "anemone-bf16, ternary MLP/experts and Mamba", {"layout": {"mod_offset": 0}}),
-    "anemone-1.58": ("anemone-1.58-tiny", "anemone-bf16, every projection ternary", {"layout": {"mod_offset": 0}}),
+    "anemone": ("anemone-tiny", "anemone-bf16, ternary MLP/experts and Mamba", {"layout": {"routing": "mod,none"}}),
+    "anemone-1.58": ("anemone-1.58-tiny", "anemone-bf16, every projection ternary",
+                     {"layout": {"routing": "mod,none"}}),
 }
 
 TRAIN_DEFAULTS = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_frac": 0.05, "beta2": 0.99, "weight_decay": 0.1,
@@ -84,11 +86,16 @@ def model_dict(name: str, ffn_width: int, vocab: int, seq_len: int, dim: int, de
     d = preset_dict(preset)
     d.update(vocab_size=vocab, max_seq_len=seq_len, dim=dim, depth=depth)
     d["attention"].update(heads=4, kv_heads=2)  # bitnet-tiny is MHA; one attention shape for all
+    layout = d.setdefault("layout", {})
     for family in changes.get("drop", ()):
-        del d["extras"][family]
-    d["extras"].get("layout", {}).update(changes.get("layout", {}))
+        del d[family]
+        if family == "moa":
+            layout["mixer"] = layout["mixer"].replace("moa", "attention")
+        else:
+            layout[{"moe": "ffn", "mod": "routing"}[family]] = {"moe": "dense", "mod": "none"}[family]
+    layout.update(changes.get("layout", {}))
     d["mlp"]["hidden_dim"] = ffn_width
-    moe = d.get("extras", {}).get("moe")
+    moe = d.get("moe")
     if moe is not None:
         moe["hidden_dim"] = max(1, ffn_width // moe["top_k"])
     return d
@@ -139,7 +146,7 @@ def val_loss_full(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_si
     consecutive windows: every token but the first is predicted exactly once. Eval mode
     unless `train_mode` (which only Mixture-of-Depths changes: top-k routing over each
     window, not causal). `stats`, when given, receives the target-weighted mean of each
-    scalar the model leaves in `last_context.stats` (e.g. MoD's routed fraction per layer)."""
+    scalar statistic the model returns (e.g. MoD's routed fraction per layer)."""
     import torch.nn.functional as F
 
     from andromeda.data.loader import iter_eval_windows
@@ -147,11 +154,10 @@ def val_loss_full(model: torch.nn.Module, data_dir: Path, seq_len: int, batch_si
     model.train(train_mode)
     total, count, sums = 0.0, 0, {}
     for x, y, _ in iter_eval_windows(str(data_dir), "val", seq_len, batch_size):
-        logits = model(x)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        out = model(x, with_aux=True)
+        total += float(F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
         count += y.numel()
-        context = getattr(model, "last_context", None)
-        for key, value in (context.stats.items() if context is not None else ()):
+        for key, value in out.stats.items():
             if value.numel() == 1:
                 sums[key] = sums.get(key, 0.0) + float(value) * y.numel()
     model.eval()
@@ -195,7 +201,7 @@ def train_one(name: str, model: dict, train: dict, data_dir: Path, out: Path, st
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings:
             print(f"[{name}] reusing the finished run in {run_dir}", flush=True)
-            if "mod" in model.get("extras", {}) and "val_loss_topk" not in record:  # older result file
+            if model.get("mod") and "val_loss_topk" not in record:  # older result file
                 record.update(_mod_record(run_dir, steps, data_dir, train["seq_len"]))
                 record_path.write_text(json.dumps(record, indent=2))
             return record
@@ -223,7 +229,7 @@ def train_one(name: str, model: dict, train: dict, data_dir: Path, out: Path, st
     final = run_dir / "checkpoints" / f"step_{steps:07d}"
     trained, _, _ = load_checkpoint(final)
     record["val_loss"], record["val_targets"] = val_loss_full(trained, data_dir, train["seq_len"])
-    if "mod" in model.get("extras", {}):
+    if model.get("mod"):
         record.update(_mod_record(run_dir, steps, data_dir, train["seq_len"]))
     curve = record["val_curve"]
     if not math.isfinite(record["val_loss"]) or (len(curve) > 1 and curve[-1][1] >= curve[0][1]):

@@ -38,7 +38,6 @@ from andromeda.commands.bench import median_ms  # noqa: E402
 from andromeda.infer.engine import Engine  # noqa: E402
 from andromeda.infer.sampling import SamplingParams  # noqa: E402
 from andromeda.model import ModelConfig, build_model, count_parameters  # noqa: E402
-from andromeda.model.transformer import Context  # noqa: E402
 from andromeda.train.trainer import benchmark_train  # noqa: E402
 
 PROMPT = 16  # decode prompt length
@@ -118,25 +117,26 @@ def packed_bitnet(args, device, infer_dtype: torch.dtype) -> list[dict]:
 
 
 def moe_dispatch(args, device, dtype: torch.dtype) -> list[dict]:
-    from andromeda.model.mlp import build_ffn
+    from andromeda.model.plan import FFNS
+    from andromeda.model.state import Context, Positions
 
     base = dict(vocab_size=256, max_seq_len=64, dim=args.dim, depth=1, attention=dict(heads=4, kv_heads=2),
                 position=dict(kind="rope"), norm=dict(kind="rms"))
     moe = dict(num_experts=args.experts, top_k=args.top_k, hidden_dim=args.expert_hidden)
     dense = dict(kind="swiglu", hidden_dim=args.top_k * args.expert_hidden)
     layers = {"dense SwiGLU, width k*h": {**base, "mlp": dense},
-              f"MoE {args.experts} experts, top-{args.top_k}, width h": {**base, "extras": {"moe": moe}}}
+              f"MoE {args.experts} experts, top-{args.top_k}, width h": {**base, "layout": {"ffn": "moe"}, "moe": moe}}
     x = torch.randn(args.moe_tokens // 256, 256, args.dim, device=device, dtype=dtype, requires_grad=True)
-    positions = torch.arange(256, device=device)
     rows = []
     for label, d in layers.items():
         torch.manual_seed(0)
-        layer = build_ffn(ModelConfig.from_dict(d), 0).to(device, dtype).train()
+        cfg = ModelConfig.from_dict(d)
+        layer = FFNS[cfg.plan[0].ffn].load()(cfg, 0).to(device, dtype).train()
 
         def step():
-            ctx = Context(positions, 0, None, plain_causal=True)  # what an FFN reports to
-            loss = layer(x, ctx).float().square().mean()
-            (loss + sum(ctx.aux_losses.values())).backward()
+            y, aux = layer(x, Context(Positions.make(0, 256, device)))
+            loss = y.float().square().mean()
+            (loss + (sum(aux.losses.values()) if aux is not None else 0.0)).backward()
         ms = median_ms(step, device, 2, args.repeats)
         rows.append({"layer": label, "tokens": x.shape[0] * x.shape[1],
                      "fwd_bwd_tokens_per_s": round(x.shape[0] * x.shape[1] / ms * 1000, 1),

@@ -15,9 +15,12 @@ VOCAB = 32
 
 
 def tiny_config(depth: int = 2, dim: int = 32, heads: int = 4, kv_heads: int = 2, **extras) -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, max_seq_len=64, dim=dim, depth=depth,
-                       attention=dict(heads=heads, kv_heads=kv_heads), position=dict(kind="rope"),
-                       norm=dict(kind="rms"), mlp=dict(kind="swiglu", multiple_of=16), extras=extras)
+    """Families given in the version-1 `extras` form (its layout rules: MoE on every layer,
+    Mixture-of-Depths on odd blocks, Mamba everywhere unless `layout` says otherwise), converted
+    by the config's own upgrade path."""
+    return ModelConfig.from_dict(dict(vocab_size=VOCAB, max_seq_len=64, dim=dim, depth=depth,
+                                      attention=dict(heads=heads, kv_heads=kv_heads), position=dict(kind="rope"),
+                                      norm=dict(kind="rms"), mlp=dict(kind="swiglu", multiple_of=16), extras=extras))
 
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
@@ -52,9 +55,10 @@ def assert_cached_matches_full(model, x: torch.Tensor, prefill: int = 5, chunk: 
 
 
 def total_loss(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(x[:, :-1])
+    out = model(x[:, :-1], with_aux=True)
+    logits = out.logits
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-    aux = model.last_context.aux_losses
+    aux = out.aux_losses
     return loss + sum(aux.values()) if aux else loss
 
 

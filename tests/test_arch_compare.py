@@ -42,8 +42,8 @@ def test_active_parameters_matched(ac):
     # roughly the ternary share times 7/8.
     b = summaries["bitnet"]
     assert b["weight_bytes"] < 2 * b["total"] - 2 * b["ternary"] + b["ternary"] / 4 + 4096
-    assert configs["anemone-1.58"]["extras"]["linear"]["attention"] == "bitnet"
-    assert configs["moe"]["extras"]["moe"]["hidden_dim"] * 2 == configs["moe"]["mlp"]["hidden_dim"]
+    assert configs["anemone-1.58"]["linear"]["attention"] == "bitnet"
+    assert configs["moe"]["moe"]["hidden_dim"] * 2 == configs["moe"]["mlp"]["hidden_dim"]
 
 
 def test_val_loss_full_scores_every_token_once(ac, tmp_path):

@@ -44,9 +44,18 @@ def test_json_round_trip():
 def test_overrides_convert_types():
     cfg = apply_overrides(get_preset("llama-tiny"), {
         "dim": "96", "attention.qk_norm": "rms", "block.parallel": "true",
-        "position.rope_factor": "2", "mlp.hidden_dim": "none", "extras.moe.experts": "8"})
+        "position.rope_factor": "2", "mlp.hidden_dim": "none"})
     assert cfg.dim == 96 and cfg.attention.qk_norm == "rms" and cfg.block.parallel is True
-    assert cfg.position.rope_factor == 2.0 and cfg.mlp.hidden_dim is None and cfg.extras == {"moe": {"experts": 8}}
+    assert cfg.position.rope_factor == 2.0 and cfg.mlp.hidden_dim is None
+    # Family sections are typed too: a misspelt key, or a section no layer uses, is refused.
+    with pytest.raises(ConfigError, match="unknown config key: extras"):
+        apply_overrides(get_preset("llama-tiny"), {"extras.moe.experts": "8"})
+    with pytest.raises(ConfigError, match="unknown config key: moe.experts"):
+        apply_overrides(get_preset("llama-tiny"), {"moe.experts": "8"})
+    with pytest.raises(ConfigError, match="no layer uses it.*layout.ffn"):
+        apply_overrides(get_preset("llama-tiny"), {"moe.num_experts": "8"})
+    moe = apply_overrides(get_preset("llama-tiny"), {"moe.num_experts": "8", "layout.ffn": "dense,moe"})
+    assert moe.moe.num_experts == 8 and [s.ffn for s in moe.plan] == ["dense", "moe"]
     with pytest.raises(ConfigError, match="unknown config key"):
         apply_overrides(cfg, {"attention.nope": "1"})
     with pytest.raises(ConfigError, match="expected"):

@@ -228,7 +228,7 @@ def test_a_decode_step_that_cannot_compile_is_a_clear_error():
     routing: the compiled engine must say so in one line, not raise the compiler's error."""
     torch.manual_seed(0)
     cfg = get_preset("moe-tiny")
-    cfg.extras["moe"]["capacity_factor"] = 1.0
+    cfg.moe.capacity_factor = 1.0
     engine = Engine(Transformer(cfg), ByteTokenizer(), compile=True)
     torch._dynamo.reset()
     with pytest.raises(UserError, match="cannot be compiled.*without --compile"):

@@ -13,7 +13,7 @@ from arch_checks import (
 )
 
 from andromeda.errors import ConfigError
-from andromeda.model import build_model
+from andromeda.model import ModelConfig, build_model
 from andromeda.model.mamba import Mamba, mamba_chunk_scan_combined, ssd_chunked, ssd_step
 
 MAMBA = dict(d_state=8, head_dim=8, chunk_size=4)
@@ -50,20 +50,20 @@ def test_chunked_scan_matches_recurrence(length, chunk):
 def test_mixer_conv_and_state_step_by_step():
     torch.manual_seed(0)
     cfg = tiny_config(mamba=MAMBA)
-    mixer = build_model(cfg).layers[0].mixer.fn
+    mixer = build_model(cfg).layers[0].mixer
     assert isinstance(mixer, Mamba)
     x = torch.randn(2, 9, cfg.dim)
     with torch.no_grad():
-        full = mixer(x)
-        state = mixer.init_state(2, 16, x.dtype, x.device)
-        steps = [mixer(x[:, t:t + 1], None, state) for t in range(9)]
+        full, _ = mixer(x)
+        state = mixer.new_state(2, 16, x.dtype, x.device)
+        steps = [mixer(x[:, t:t + 1], None, state)[0] for t in range(9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_pure_mamba_model_cached_and_causal():
     torch.manual_seed(0)
     model = build_model(tiny_config(mamba=MAMBA))
-    assert all(isinstance(layer.mixer.fn, Mamba) for layer in model.layers)
+    assert all(isinstance(layer.mixer, Mamba) for layer in model.layers)
     x = tokens(2, 13)
     assert_causal(model, x, t=5)
     assert_cached_matches_full(model, x)
@@ -73,8 +73,8 @@ def test_jamba_layout_places_attention_and_moe():
     cfg = tiny_config(depth=8, mamba=MAMBA, moe=dict(num_experts=4, top_k=2),
                       layout=dict(attention_every=4, attention_offset=2, moe_every=2, moe_offset=1))
     model = build_model(cfg)
-    mixers = [type(layer.mixer.fn).__name__ for layer in model.layers]
-    ffns = [type(layer.ffn.fn).__name__ for layer in model.layers]
+    mixers = [type(layer.mixer).__name__ for layer in model.layers]
+    ffns = [type(layer.ffn).__name__ for layer in model.layers]
     assert mixers == ["Mamba", "Mamba", "Attention", "Mamba", "Mamba", "Mamba", "Attention", "Mamba"]
     assert ffns == ["GatedMLP", "MoE"] * 4
     x = tokens(2, 12)
@@ -94,16 +94,24 @@ def test_tiny_mamba_training_beats_unigram():
 
 
 @pytest.mark.parametrize("extras,match", [
-    (dict(mamba=dict(head_dim=7)), "divisible by head_dim"),
+    (dict(mamba=dict(head_dim=7)), "divisible by mamba.head_dim"),
     (dict(mamba=dict(d_state=0)), "d_state"),
-    (dict(mamba=dict(dstate=8)), "unknown key"),
+    (dict(mamba=dict(dstate=8)), "unknown config key in mamba"),
     (dict(mamba=dict(dt_min=0.5, dt_max=0.1)), "dt_min"),
-    (dict(layout=dict(attention_every=2, attention_offset=2)), "smaller than its period"),
-    (dict(layout=dict(moe_every=-1)), "moe_every"),
 ])
 def test_config_errors(extras, match):
     with pytest.raises(ConfigError, match=match):
         build_model(tiny_config(**extras))
+
+
+@pytest.mark.parametrize("layout,match", [
+    (dict(mixer="mamba,atention"), "unknown mixer kind 'atention'"),
+    (dict(mixer="mamba*0,attention"), "repeat count"),
+    (dict(ffn="dense,,moe"), "empty name"),
+])
+def test_layout_pattern_errors(layout, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(dict(depth=4, layout=layout))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or mamba_chunk_scan_combined is None,

@@ -16,10 +16,10 @@ from arch_checks import (
 )
 
 from andromeda.errors import ConfigError
-from andromeda.model import build_model, count_parameters
+from andromeda.model import ModelConfig, build_model, count_parameters
 from andromeda.model.moa import MixtureOfAttentionHeads
 from andromeda.model.position import apply_rotary
-from andromeda.model.transformer import Context
+from andromeda.model.state import Context, Positions
 
 MOA = dict(num_experts=4, top_k=2)
 
@@ -55,13 +55,13 @@ def test_matches_per_token_reference():
     torch.manual_seed(0)
     cfg = tiny_config(heads=4, kv_heads=1, moa=MOA)
     model = build_model(cfg)
-    moa = model.layers[0].mixer.fn
+    moa = model.layers[0].mixer
     assert isinstance(moa, MixtureOfAttentionHeads) and moa.expert_heads == 2
     x = torch.randn(2, 6, cfg.dim)
-    positions = torch.arange(6)
-    ctx = Context(positions, 0, model.rotary(positions, x.dtype), plain_causal=True)
+    pos = Positions.make(0, 6, "cpu")
+    ctx = Context(pos, model.rotary(pos.ids, x.dtype))
     with torch.no_grad():
-        torch.testing.assert_close(moa(x, ctx), reference_moa(model, moa, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moa(x, ctx)[0], reference_moa(model, moa, x), atol=1e-5, rtol=1e-5)
 
 
 def test_moa_model_causal_and_cached():
@@ -108,7 +108,7 @@ def test_config_errors(kwargs, match):
 
 
 def test_alibi_is_refused():
-    cfg = tiny_config(moa=MOA)
-    cfg.position.alibi_heads = 2
+    d = tiny_config(moa=MOA).to_dict()
+    d["position"]["alibi_heads"] = 2
     with pytest.raises(ConfigError, match="ALiBi"):
-        build_model(cfg)
+        ModelConfig.from_dict(d)

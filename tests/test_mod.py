@@ -16,37 +16,37 @@ from arch_checks import (
 )
 
 from andromeda.errors import ConfigError
-from andromeda.model import build_model
-from andromeda.model.mod import MoDBlock
-from andromeda.model.transformer import Context
+from andromeda.model import ModelConfig, build_model
+from andromeda.model.mod import MixtureOfDepths
+from andromeda.model.state import Context, Positions
 from andromeda.presets import get_preset
 
 EVERY_BLOCK = dict(mod_every=1, mod_offset=0)
 
 
 def _context(model, L):
-    positions = torch.arange(L)
-    return Context(positions, 0, model.rotary(positions, torch.float32), plain_causal=True)
+    pos = Positions.make(0, L, "cpu")
+    return Context(pos, model.rotary(pos.ids, torch.float32))
 
 
 def test_training_routes_top_capacity_tokens_and_scales_by_router():
     torch.manual_seed(0)
     model = build_model(tiny_config(mod=dict(capacity=0.25), layout=EVERY_BLOCK)).train()
     layer = model.layers[0]
-    assert isinstance(layer, MoDBlock)
+    assert isinstance(layer.route, MixtureOfDepths)
     B, L, D = 2, 12, model.cfg.dim
     x = torch.randn(B, L, D)
     with torch.no_grad():
-        out = layer(x, _context(model, L))
+        out, _ = layer(x, _context(model, L))
         C = math.ceil(0.25 * L)
-        logits = layer.router(x).squeeze(-1)
+        logits = layer.route.router(x).squeeze(-1)
         for b in range(B):
             idx = logits[b].topk(C).indices.sort().values
             skipped = torch.ones(L, dtype=torch.bool)
             skipped[idx] = False
             assert torch.equal(out[b, skipped], x[b, skipped])  # skipped tokens ride the residual
             sub = x[b:b + 1, idx]
-            inner = layer.block(sub, _context(model, C))  # the block sees a contiguous short sequence
+            inner, _ = layer.body(sub, _context(model, C), None)  # the block sees a contiguous short sequence
             expected = sub + torch.sigmoid(logits[b, idx])[None, :, None] * (inner - sub)
             torch.testing.assert_close(out[b:b + 1, idx], expected, atol=1e-5, rtol=1e-5)
 
@@ -56,16 +56,15 @@ def test_predictor_gets_bce_loss_on_topk_decisions():
     model = build_model(tiny_config(depth=1, mod=dict(capacity=0.5, predictor_loss_weight=2.0), layout=EVERY_BLOCK))
     model.train()
     x = tokens(2, 10)
-    model(x)
-    ctx = model.last_context
+    out = model(x, with_aux=True)
     # Reference: BCE of the predictor on the block input against the router's top-5 mask.
     h = model.embed(x)
-    layer = model.layers[0]
+    route = model.layers[0].route
     chosen = torch.zeros(2, 10)
-    chosen.scatter_(1, layer.router(h).squeeze(-1).topk(5, dim=-1).indices, 1.0)
-    p = torch.sigmoid(layer.predictor(h).squeeze(-1))
+    chosen.scatter_(1, route.router(h).squeeze(-1).topk(5, dim=-1).indices, 1.0)
+    p = torch.sigmoid(route.predictor(h).squeeze(-1))
     bce0 = -(chosen * p.log() + (1 - chosen) * (1 - p).log()).mean()
-    torch.testing.assert_close(ctx.aux_losses["mod_predictor"], 2.0 * bce0)
+    torch.testing.assert_close(out.aux_losses["mod_predictor"], 2.0 * bce0)
 
 
 def test_eval_is_causal_and_cached_decoding_matches_with_uneven_rows():
@@ -74,8 +73,8 @@ def test_eval_is_causal_and_cached_decoding_matches_with_uneven_rows():
     x = tokens(3, 14)
     model.eval()
     with torch.no_grad():
-        model(x)
-    fractions = [v.item() for k, v in model.last_context.stats.items() if k.startswith("mod_fraction")]
+        stats = model(x, with_aux=True).stats
+    fractions = [v.item() for k, v in stats.items() if k.startswith("mod_fraction")]
     assert any(0.0 < f < 1.0 for f in fractions), fractions  # some tokens routed, some skipped
     assert_causal(model, x, t=6)
     assert_cached_matches_full(model, x)
@@ -90,7 +89,7 @@ def test_batched_eval_equals_each_row_alone():
     with torch.no_grad():
         batched = model(x)
         alone = torch.cat([model(x[b:b + 1]) for b in range(4)])
-    routed = [int((model.layers[0].predictor(model.embed(x[b])).squeeze(-1) > 0).sum()) for b in range(4)]
+    routed = [int((model.layers[0].route.predictor(model.embed(x[b])).squeeze(-1) > 0).sum()) for b in range(4)]
     assert len(set(routed)) > 1, routed  # the rows really need different padding
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
@@ -122,7 +121,7 @@ def test_anemone_presets_are_causal_and_cache_exactly(name):
     (dict(mod=dict(capacity=0)), "capacity"),
     (dict(mod=dict(capacity=1.5)), "capacity"),
     (dict(mod=dict(predictor_hidden=-1)), "predictor_hidden"),
-    (dict(mod=dict(capcity=0.5)), "unknown key"),
+    (dict(mod=dict(capcity=0.5)), "unknown config key in mod"),
 ])
 def test_config_errors(extras, match):
     with pytest.raises(ConfigError, match=match):
@@ -130,10 +129,8 @@ def test_config_errors(extras, match):
 
 
 def test_post_norm_is_refused():
-    cfg = tiny_config(mod={})
-    cfg.norm.placement = "post"
     with pytest.raises(ConfigError, match="placement='pre'"):
-        build_model(cfg)
+        ModelConfig.from_dict(dict(depth=2, norm=dict(placement="post"), layout=dict(routing="none,mod")))
 
 
 def test_anemone_checkpoint_roundtrip_keeps_logits(tmp_path):
@@ -161,12 +158,12 @@ def test_activation_checkpointing_counts_aux_losses_once():
     x = tokens(2, 16)
     reported = []
     for model in (plain, ckpt):
-        logits = model(x)
-        aux = dict(model.last_context.aux_losses)
-        (logits.logsumexp(-1).mean() + sum(aux.values())).backward()
-        after = {k: v.item() for k, v in model.last_context.aux_losses.items()}
+        out = model(x, with_aux=True)
+        aux = dict(out.aux_losses)
+        (out.logits.logsumexp(-1).mean() + sum(aux.values())).backward()
+        after = {k: v.item() for k, v in out.aux_losses.items()}
         assert after == {k: v.item() for k, v in aux.items()}, "backward changed the reported losses"
-        reported.append((after, {k: v.clone() for k, v in model.last_context.stats.items()}))
+        reported.append((after, {k: v.clone() for k, v in out.stats.items()}))
     assert set(reported[0][0]) == {"moe_balance", "moe_z", "mod_predictor"}
     assert reported[0][0] == pytest.approx(reported[1][0], rel=1e-6)
     assert reported[0][1].keys() == reported[1][1].keys()

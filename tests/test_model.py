@@ -176,10 +176,10 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     sd = gqa.state_dict()
     hd, heads, kv = gqa.cfg.head_dim, 4, 2
     for i in range(gqa.cfg.depth):
-        w = sd[f"layers.{i}.mixer.fn.wqkv.weight"]
+        w = sd[f"layers.{i}.mixer.wqkv.weight"]
         q, k, v = w.split([heads * hd, kv * hd, kv * hd])
         rep = lambda t: t.view(kv, hd, -1).repeat_interleave(heads // kv, 0).reshape(heads * hd, -1)  # noqa: E731
-        sd[f"layers.{i}.mixer.fn.wqkv.weight"] = torch.cat([q, rep(k), rep(v)])
+        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([q, rep(k), rep(v)])
     mha.load_state_dict(sd)
     x = tokens()
     with torch.no_grad():
@@ -196,16 +196,16 @@ def test_kv_cache_stores_only_kv_heads():
 def test_attention_matches_explicit_formula_with_alibi_and_xpos():
     """One attention layer against a float64 implementation written from the papers."""
     model = make("alibi-xpos-mqa")
-    attn = model.layers[0].mixer.fn
+    attn = model.layers[0].mixer
     cfg = model.cfg
     torch.manual_seed(3)
     L, hd = 9, cfg.head_dim
     x = torch.randn(1, L, cfg.dim)
-    from andromeda.model.transformer import Context
-    pos = torch.arange(L)
-    ctx = Context(pos, 0, model.rotary(pos, torch.float32), True)
+    from andromeda.model.state import Context, Positions
+    pos = Positions.make(0, L, "cpu")
+    ctx = Context(pos, model.rotary(pos.ids, torch.float32))
     with torch.no_grad():
-        out = attn(x, ctx)
+        out, _ = attn(x, ctx)
     # reference
     xd = x.double()
     w = attn.wqkv.weight.double()
@@ -213,10 +213,10 @@ def test_attention_matches_explicit_formula_with_alibi_and_xpos():
     q = q.view(L, 4, hd).transpose(0, 1)
     k, v = k.view(L, 1, hd).transpose(0, 1), v.view(L, 1, hd).transpose(0, 1)
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    ang = pos.double()[:, None] * inv[None]
+    ang = pos.ids[0].double()[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     zeta = (torch.arange(0, hd, 2, dtype=torch.float64) + 0.4 * hd) / (1.4 * hd)
-    power = (pos.double() - cfg.max_seq_len // 2) / cfg.position.xpos_scale_base
+    power = (pos.ids[0].double() - cfg.max_seq_len // 2) / cfg.position.xpos_scale_base
     scale = torch.cat([zeta] * 2)[None] ** power[:, None]
 
     def rot(t):
@@ -226,7 +226,7 @@ def test_attention_matches_explicit_formula_with_alibi_and_xpos():
     q, k = rot(q) * scale, rot(k) / scale
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)  # (4, L, L)
     slopes = torch.tensor([2 ** -4, 2 ** -8, 0.0, 0.0], dtype=torch.float64)  # ALiBi for 2 of 4 heads
-    dist = (pos[:, None] - pos[None, :]).double()
+    dist = (pos.ids[0][:, None] - pos.ids[0][None, :]).double()
     scores = scores - slopes[:, None, None] * dist
     scores = scores.masked_fill(dist < 0, float("-inf"))
     ref = (scores.softmax(-1) @ v).transpose(0, 1).reshape(1, L, 4 * hd) @ attn.wo.weight.double().T
@@ -289,26 +289,26 @@ def test_token_shift_definition():
 
 
 def test_deepnorm_scales_follow_the_formula():
-    from andromeda.model.block import deepnorm_alpha, deepnorm_beta
+    from andromeda.model.layer import deepnorm_alpha, deepnorm_beta
     depth = 12
     model = Transformer(ModelConfig(vocab_size=VOCAB, dim=256, depth=depth, attention=dict(heads=4),
                                     norm=dict(placement="deepnorm", kind="layer"), mlp=dict(kind="gelu")))
-    assert model.layers[0].mixer.alpha == pytest.approx((2 * depth) ** 0.25) == pytest.approx(deepnorm_alpha(depth))
+    assert model.layers[0].alpha == pytest.approx((2 * depth) ** 0.25) == pytest.approx(deepnorm_alpha(depth))
     beta = (8 * depth) ** -0.25
     assert deepnorm_beta(depth) == pytest.approx(beta)
-    attn = model.layers[3].mixer.fn
+    attn = model.layers[3].mixer
     q, k, v = attn.wqkv.weight.split([256, 256, 256])
     xavier = math.sqrt(2.0 / (256 + 256))
     assert q.std().item() == pytest.approx(xavier, rel=0.05)
     assert v.std().item() == pytest.approx(beta * xavier, rel=0.05)
     assert attn.wo.weight.std().item() == pytest.approx(beta * xavier, rel=0.05)
-    w_in = model.layers[3].ffn.fn.w_in.weight
+    w_in = model.layers[3].ffn.w_in.weight
     assert w_in.std().item() == pytest.approx(beta * math.sqrt(2.0 / (256 + 1024)), rel=0.05)
 
 
 def test_pre_norm_residual_projections_are_scaled():
     model = Transformer(ModelConfig(vocab_size=VOCAB, dim=256, depth=8, attention=dict(heads=4)))
-    std = model.layers[0].mixer.fn.wo.weight.std().item()
+    std = model.layers[0].mixer.wo.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
 
 

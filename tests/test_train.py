@@ -16,6 +16,7 @@ from andromeda.cli import main
 from andromeda.data.prepare import prepare
 from andromeda.errors import UserError
 from andromeda.model.config import ModelConfig
+from andromeda.model.state import Aux
 from andromeda.model.transformer import Transformer
 from andromeda.presets import get_preset
 from andromeda.train import checkpoint as ckpt
@@ -80,7 +81,7 @@ def test_weight_decay_only_on_matrices():
         assert (name in decay["names"]) == (p.dim() == 2 and not is_table), name
         assert (name in decay["names"]) != (name in no_decay["names"])
     assert any("norm" in n for n in no_decay["names"]) and any(n.endswith("bias") for n in no_decay["names"])
-    assert "head.weight" in decay["names"] and "layers.0.mixer.fn.wqkv.weight" in decay["names"]
+    assert "head.weight" in decay["names"] and "layers.0.mixer.wqkv.weight" in decay["names"]
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1, beta1=0.9, beta2=0.95))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
@@ -155,14 +156,17 @@ def test_aux_losses_reach_the_gradient(tmp_path):
     plain = make_trainer(tmp_path / "a", accum=2, grad_clip=0.0)
     with_aux = make_trainer(tmp_path / "b", accum=2, grad_clip=0.0)
     weight = 0.5
-    norm = with_aux.raw.layers[0].mixer.norm.weight
+    norm = with_aux.raw.layers[0].mixer_norm.weight
 
     def add_aux(module, args, output):  # what an MoE layer does with its balance loss
-        args[1].add_aux_loss("test", weight * norm.sum())
+        y, aux = output
+        aux = Aux() if aux is None else aux
+        aux.losses["test"] = aux.losses.get("test", 0.0) + weight * norm.sum()
+        return y, aux
     with_aux.raw.layers[0].register_forward_hook(add_aux)
     _, g_plain = grads_of_one_step(plain)
     _, g_aux = grads_of_one_step(with_aux)
-    name = "layers.0.mixer.norm.weight"
+    name = "layers.0.mixer_norm.weight"
     # d(weight * sum(w))/dw = weight, added once per optimizer step over the micro-batches.
     torch.testing.assert_close(g_aux[name] - g_plain[name], torch.full_like(norm, weight), rtol=1e-4, atol=1e-5)
 

@@ -142,7 +142,7 @@ def evaluate(model, tokenizer: Tokenizer, source, seq_len: int, batch_size: int 
         if doc_mask:
             ids = torch.from_numpy(np.stack([window_doc_ids(data.doc_starts, c, length) for c, _, _ in group]))
             ids = ids.to(device)
-        logits = model(x, doc_ids=ids).logits[:, -scored:]
+        logits = model(x, doc_ids=ids)[:, -scored:]
         nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[:, -scored:].reshape(-1),
                                 reduction="sum").item()
         count += y[:, -scored:].numel()

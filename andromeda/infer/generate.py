@@ -31,13 +31,13 @@ def prefill(model, ids: torch.Tensor, cache: ModelCache, start_pos: int = 0,
     chunk = chunk_size or L
     logits = None
     for lo in range(0, L, chunk):
-        logits = model(ids[:, lo:lo + chunk], cache=cache, start_pos=start_pos + lo, last_only=True).logits
+        logits = model(ids[:, lo:lo + chunk], cache=cache, start_pos=start_pos + lo, last_only=True)
     return logits[:, -1]
 
 
 def decode_one_token(model, cache: ModelCache, tokens: torch.Tensor, pos: Pos) -> torch.Tensor:
     """tokens (B, 1) at position(s) pos -> next-token logits (B, V)."""
-    return model(tokens, cache=cache, start_pos=pos, last_only=True).logits[:, -1]
+    return model(tokens, cache=cache, start_pos=pos, last_only=True)[:, -1]
 
 
 class DecodeStep:

@@ -54,7 +54,7 @@ class _Fed:
     def feed(self, ids: list[int], device, last_only: bool = True) -> torch.Tensor:
         """Run the tokens ids at self.pos..; return logits (L or 1, V)."""
         x = torch.tensor([ids], dtype=torch.long, device=device)
-        out = self.model(x, cache=self.cache, start_pos=self.pos, last_only=last_only).logits[0]
+        out = self.model(x, cache=self.cache, start_pos=self.pos, last_only=last_only)[0]
         self.pos += len(ids)
         return out
 

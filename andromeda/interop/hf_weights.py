@@ -106,15 +106,15 @@ def weight_layout(cfg: ModelConfig, o_proj_bias: bool = True) -> list[Piece]:
         attn, mlp = hf + "self_attn.", hf + "mlp."
         suffixes = ("weight", "bias") if a.bias else ("weight",)
         for s in suffixes:
-            pieces.append(Piece(f"{ours}mixer.fn.wqkv.{s}", tuple(f"{attn}{p}_proj.{s}" for p in "qkv"), (q, kv, kv)))
+            pieces.append(Piece(f"{ours}mixer.wqkv.{s}", tuple(f"{attn}{p}_proj.{s}" for p in "qkv"), (q, kv, kv)))
             o_name = f"{attn}o_proj.{s}" if s == "weight" or o_proj_bias else None
-            pieces.append(Piece(f"{ours}mixer.fn.wo.{s}", (o_name,), (cfg.dim,)))
-        pieces.append(Piece(f"{ours}mixer.norm.weight", (hf + "input_layernorm.weight",), (cfg.dim,)))
+            pieces.append(Piece(f"{ours}mixer.wo.{s}", (o_name,), (cfg.dim,)))
+        pieces.append(Piece(f"{ours}mixer_norm.weight", (hf + "input_layernorm.weight",), (cfg.dim,)))
         for s in ("weight", "bias") if cfg.mlp.bias else ("weight",):
             gate_up = (f"{mlp}gate_proj.{s}", f"{mlp}up_proj.{s}")
-            pieces.append(Piece(f"{ours}ffn.fn.w_in.{s}", gate_up, (hidden, hidden)))
-            pieces.append(Piece(f"{ours}ffn.fn.w_out.{s}", (f"{mlp}down_proj.{s}",), (cfg.dim,)))
-        pieces.append(Piece(f"{ours}ffn.norm.weight", (hf + "post_attention_layernorm.weight",), (cfg.dim,)))
+            pieces.append(Piece(f"{ours}ffn.w_in.{s}", gate_up, (hidden, hidden)))
+            pieces.append(Piece(f"{ours}ffn.w_out.{s}", (f"{mlp}down_proj.{s}",), (cfg.dim,)))
+        pieces.append(Piece(f"{ours}ffn_norm.weight", (hf + "post_attention_layernorm.weight",), (cfg.dim,)))
     pieces.append(Piece("norm.weight", ("model.norm.weight",), (cfg.dim,)))
     if not cfg.tie_embeddings:
         pieces.append(Piece("head.weight", ("lm_head.weight",), (cfg.vocab_size,)))

@@ -13,7 +13,6 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 from andromeda.model.backends import AttnSpec, attend
 from andromeda.model.config import ModelConfig

@@ -379,12 +379,15 @@ class ModelConfig:
             k = self.moa.top_k
             check(a.heads % k == 0, f"moa.top_k ({k}) must divide attention.heads ({a.heads})")
             check((a.heads // k) % a.kv_heads == 0,
-                  f"attention.heads / moa.top_k ({a.heads // k}) must be divisible by attention.kv_heads ({a.kv_heads})")
-            check(self.alibi_heads == 0, "Mixture of Attention Heads does not support ALiBi; set position.alibi_heads=0")
+                  f"attention.heads / moa.top_k ({a.heads // k}) must be divisible by "
+                  f"attention.kv_heads ({a.kv_heads})")
+            check(self.alibi_heads == 0,
+                  "Mixture of Attention Heads does not support ALiBi; set position.alibi_heads=0")
         if self.mamba is not None:
             m = self.mamba
             inner = m.expand * self.dim
-            check(inner % m.head_dim == 0, f"mamba: expand*dim ({inner}) must be divisible by mamba.head_dim ({m.head_dim})")
+            check(inner % m.head_dim == 0,
+                  f"mamba: expand*dim ({inner}) must be divisible by mamba.head_dim ({m.head_dim})")
             check((inner // m.head_dim) % m.ngroups == 0,
                   f"mamba: heads ({inner // m.head_dim}) must be divisible by mamba.ngroups ({m.ngroups})")
         if self.mod is not None:

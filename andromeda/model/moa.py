@@ -24,8 +24,8 @@ from andromeda.model.bitlinear import TernaryWeights, quantize_activation
 from andromeda.model.config import ModelConfig
 from andromeda.model.layer import InitRule, Mixer
 from andromeda.model.linear import linear_kind, make_linear
-from andromeda.model.state import Context, KVCache
 from andromeda.model.moe import TopKRouter, chosen_experts, combine, dispatch, grouped_matmul, per_token_matmul
+from andromeda.model.state import Context, KVCache
 
 
 class MixtureOfAttentionHeads(ScoreOptions, Mixer, TernaryWeights):

@@ -115,7 +115,9 @@ class Rotary(DerivedBuffers, nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
         """positions (B or 1, L) -> tables (B or 1, 1, L, rot) that broadcast over the heads of
-        q and k (B, H, L, hd)."""
+        q and k (B, H, L, hd); a plain (L,) vector gives (L, rot) tables (references in tests)."""
+        if positions.dim() == 1:
+            return RotaryTables(*(t[0, 0] if t is not None else None for t in self(positions[None], dtype)))
         freqs = positions.float()[:, None, :, None] * self.inv_freq  # (B or 1, 1, L, rot/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos = (emb.cos() * self.attn_factor).to(dtype)

@@ -3,9 +3,10 @@
 Offers `Transformer(cfg)` (every architecture of the spec, from a `ModelConfig`), `ModelOutput`,
 `build_model(cfg, device, dtype)` and `count_parameters(model)`.
 
-`forward(tokens, cache=None, start_pos=0, doc_ids=None, last_only=False)` is the only entry
-point and returns a `ModelOutput`: the logits with the auxiliary losses and statistics of this
-call; nothing is kept on the module. Training passes no cache; inference makes one with
+`forward(tokens, cache=None, start_pos=0, doc_ids=None, last_only=False, with_aux=False)` is the
+only entry point. It returns the logits, or with `with_aux=True` a `ModelOutput`: the logits with
+the auxiliary losses and statistics of this call (what training needs); nothing is kept on the
+module. Training passes no cache; inference makes one with
 `new_cache(batch, max_len)` and passes it with the absolute position of the first token: an
 int, a 0-d tensor, or a (B,) tensor giving each sequence its own position (batched decoding of
 prompts of different lengths). The model turns that into one `Positions` for every layer.
@@ -98,8 +99,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[ModelCache] = None,
                 start_pos: Union[int, torch.Tensor] = 0, doc_ids: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> ModelOutput:
-        """tokens (B, L) -> ModelOutput with logits (B, L, V), or (B, 1, V) with last_only."""
+                last_only: bool = False, with_aux: bool = False) -> Union[torch.Tensor, ModelOutput]:
+        """tokens (B, L) -> logits (B, L, V), or (B, 1, V) with last_only; with `with_aux`, a
+        ModelOutput holding them with the auxiliary losses and statistics."""
         B, L = tokens.shape
         if cache is not None and doc_ids is not None:
             raise ValueError("document masks are for packed training; they do not combine with a cache")
@@ -120,7 +122,8 @@ class Transformer(nn.Module):
             aux.add(layer_aux)
         if last_only:
             x = x[:, -1:]
-        return ModelOutput(self.head(self.norm(x)), aux.losses, aux.stats)
+        logits = self.head(self.norm(x))
+        return ModelOutput(logits, aux.losses, aux.stats) if with_aux else logits
 
 
 def _checkpointed(layer: nn.Module, x: torch.Tensor, ctx: Context, state):

@@ -109,7 +109,8 @@ def pack_model(model: nn.Module) -> nn.Module:
     """Pack every ternary weight of `model` in place; returns the model."""
     modules = _ternary_modules(model)
     if not modules:
-        raise UserError("the model has no BitNet layers to pack; set linear.attention / linear.mlp (or other linear families) to 'bitnet'")
+        raise UserError("the model has no BitNet layers to pack; set linear.attention / linear.mlp "
+                        "(or other linear families) to 'bitnet'")
     for m in modules:
         pack_module(m)
     return model

@@ -9,6 +9,8 @@ token reaches, attention scores over the full span as PaLM and nanoGPT count the
 Mixture-of-Depths blocks at their routed share), plus the output head and final norm. Lookup
 tables (embeddings) cost no matmul. For a dense decoder this is nanoGPT's
 6N + 12 * layers * H * d * T, N the parameters less the embeddings (the head counted even when tied).
+"""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -65,7 +65,7 @@ def evaluate(model: torch.nn.Module, loader, batches: int, device: torch.device,
     for _ in range(batches):
         x, y, doc = loader.next_batch()
         with autocast(device, dtype):
-            logits = model(x, doc_ids=doc).logits
+            logits = model(x, doc_ids=doc)
         total += cross_entropy_sum(logits, y).double()
         count += int((y != IGNORE).sum())
     model.train(was_training)
@@ -159,7 +159,7 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         for i, (x, y, doc) in enumerate(batches):
             with no_sync(self.model, i == len(batches) - 1), autocast(self.device, self.dtype):
-                out = self.model(x, doc_ids=doc)
+                out = self.model(x, doc_ids=doc, with_aux=True)
                 loss = cross_entropy_sum(out.logits, y) / targets
                 aux = out.aux_loss() / len(batches)
             self.layer_stats = out.stats  # of the last micro-batch, for the metrics log
@@ -300,7 +300,7 @@ def auto_micro_batch(model: Transformer, cfg: TrainConfig, device: torch.device,
         x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len), device=device)
         try:
             with autocast(device, dtype):
-                loss = cross_entropy_sum(model(x).logits, x) / x.numel()
+                loss = cross_entropy_sum(model(x), x) / x.numel()
             loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
