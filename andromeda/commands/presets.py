@@ -6,14 +6,16 @@ Models are built on the meta device, so even the 15B preset is sized without mem
 from __future__ import annotations
 
 import json
+import sys
 
+from andromeda.model.plan import describe as describe_plan
 from andromeda.model.transformer import build_model, count_parameters
 from andromeda.presets import PRESETS, get_preset
 
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--show", metavar="NAME", help="print the full resolved config of one preset as JSON")
+    p.add_argument("--show", metavar="NAME", help="print the full resolved config of one preset as JSON (and its layer plan on stderr)")
 
 
 def _human(n: int) -> str:
@@ -25,7 +27,10 @@ def _human(n: int) -> str:
 
 def run(args) -> int:
     if args.show:
-        print(get_preset(args.show).to_json())
+        cfg = get_preset(args.show)
+        print(cfg.to_json())
+        if not args.json:  # the layer plan the layout patterns expand into, for people to read
+            print("layer plan (mixer + ffn [routing]):", *describe_plan(cfg), sep="\n", file=sys.stderr)
         return 0
     rows = []
     for name, (description, _) in PRESETS.items():
