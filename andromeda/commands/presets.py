@@ -15,7 +15,7 @@ from andromeda.presets import PRESETS, get_preset
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--show", metavar="NAME", help="print the full resolved config of one preset as JSON (and its layer plan on stderr)")
+    p.add_argument("--show", metavar="NAME", help="print one preset's resolved config as JSON (layer plan on stderr)")
 
 
 def _human(n: int) -> str:
