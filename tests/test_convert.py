@@ -16,12 +16,14 @@ transformers = pytest.importorskip("transformers")
 import andromeda.cli  # noqa: E402
 from andromeda.checkpoint import load_checkpoint  # noqa: E402
 
+ALL_COMMANDS = dict(andromeda.cli.COMMANDS)
+
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
           "to be or not to be, that is the question", "all that glitters is not gold"] * 5
 SAMPLES = ["the lazy fox", "to be, or not", "gold stitch 42!", "unseen wörds"]
 
 
-def make_tokenizer():
+def make_tokenizer(adds_bos: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -30,9 +32,9 @@ def make_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
-    # Like Llama's tokenizer: bos is added in front of every text when special tokens are on.
-    bos = ("<s>", tok.token_to_id("<s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    if adds_bos:  # like Llama's tokenizer: bos is added in front of every text when special tokens are on
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                                 bos_token="<s>", eos_token="</s>")
 
@@ -93,13 +95,65 @@ def test_convert_from_hf_end_to_end(sharded, tmp_path, capsys, hf_tokenizer):
     assert summary["tokenizer"]["add_bos"] is True
 
     model, tok, config = load_checkpoint(tmp_path / "ckpt")
-    assert config["meta"]["add_bos"] is True and config["meta"]["architecture"] == "LlamaForCausalLM"
+    assert config["tokenizer"]["add_bos"] is True and config["meta"]["architecture"] == "LlamaForCausalLM"
     assert hf_tokenizer.encode("the fox")[0] == tok.bos_id  # what add_bos stands for
     for text in SAMPLES:
         assert tok.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
     assert (tok.eos_id, tok.bos_id) == (hf_tokenizer.eos_token_id, hf_tokenizer.bos_token_id)
     x = torch.tensor([hf_tokenizer.encode(SAMPLES[0] + " " + SAMPLES[1])])
     assert (logits(model, x) - logits(hf, x, hf=True)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_generate_prints_what_transformers_generates(adds_bos, tmp_path, capsys, monkeypatch):
+    """Through the CLI: greedy `andromeda generate` on an imported model prints the text that
+    transformers' greedy `generate` produces from `tokenizer(prompt)`, for a tokenizer that adds
+    bos itself and for one that names a bos token but does not add it (the prompt must then
+    not get one)."""
+    monkeypatch.setattr(andromeda.cli, "COMMANDS", {k: ALL_COMMANDS[k] for k in ("convert", "generate")})
+    hf_tok = make_tokenizer(adds_bos)
+    hf = make_llama(len(hf_tok), seed=1)
+    src = save_hf(tmp_path / "hf", hf, hf_tok)
+    assert cli("--from-hf", src, "--out", tmp_path / "ckpt") == 0
+    prompt, new = "the quick brown fox", 12
+    inputs = hf_tok(prompt, return_tensors="pt")
+    assert (inputs.input_ids[0, 0].item() == hf_tok.bos_token_id) == adds_bos
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=hf_tok.eos_token_id)
+    ids = out[0, inputs.input_ids.shape[1]:].tolist()
+    ids = ids[:ids.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in ids else ids
+    expected = hf_tok.decode(ids)
+    capsys.readouterr()
+    assert andromeda.cli.main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", prompt,
+                               "--max-new-tokens", str(new), "--temperature", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt_tokens"] == inputs.input_ids.shape[1]
+    assert len(ids) >= 4 and result["text"] == expected
+
+
+def test_eval_scores_text_as_transformers_reads_it(tmp_path, capsys, monkeypatch, hf_tokenizer):
+    """`andromeda eval` of an imported Llama-style model puts BOS before the text, as the
+    tokenizer does, so its loss is transformers' loss on `tokenizer(text)`; it reports the
+    convention, and --doc-start eos scores the other way (a different number)."""
+    monkeypatch.setattr(andromeda.cli, "COMMANDS", {k: ALL_COMMANDS[k] for k in ("convert", "eval")})
+    hf = make_llama(len(hf_tokenizer), seed=2)
+    src = save_hf(tmp_path / "hf", hf, hf_tokenizer)
+    assert cli("--from-hf", src, "--out", tmp_path / "ckpt") == 0
+    text = " ".join(SAMPLES)
+    (tmp_path / "held_out.txt").write_text(text)
+    ids = hf_tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = hf(ids, labels=ids).loss.item()
+    results = {}
+    for start in ("auto", "eos"):
+        capsys.readouterr()
+        assert andromeda.cli.main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "held_out.txt"),
+                                   "--doc-start", start, "--json"]) == 0
+        results[start] = json.loads(capsys.readouterr().out)
+    assert results["auto"]["doc_start"] == "bos" and results["eos"]["doc_start"] == "eos"
+    assert results["auto"]["tokens"] == ids.shape[1] - 1
+    assert abs(results["auto"]["loss"] - expected) < 1e-4
+    assert abs(results["eos"]["loss"] - expected) > 1e-3
 
 
 def test_special_tokens_from_generation_config_ids(tmp_path, hf_tokenizer):

@@ -57,7 +57,7 @@ class Chat:
         room = self.engine.max_seq_len - min(self.params.max_new_tokens, self.engine.max_seq_len // 2)
         while True:
             text = self.render(self._messages(user))
-            if len(self.engine.tokenizer.encode(text)) <= room or not self.history:
+            if len(self.engine.tokenizer.encode_prompt(text)) <= room or not self.history:
                 return text
             self.history = self.history[2:]
 

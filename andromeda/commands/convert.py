@@ -42,8 +42,6 @@ def _from_hf(args) -> dict:
     imported = import_hf(Path(args.from_hf), DTYPES.get(args.dtype), with_tokenizer=not args.no_tokenizer)
     info = imported.info
     meta = {"source": "huggingface", "architecture": info["architecture"], "dtype": info["dtype"]}
-    if info["tokenizer"] is not None:
-        meta["add_bos"] = info["tokenizer"]["add_bos"]
     save_checkpoint(Path(args.out), imported.model, imported.tokenizer, meta=meta)
     return {**imported.info, "out": str(args.out)}
 

@@ -4,6 +4,10 @@
 split). Every token after the first is scored once: windows of --seq-len tokens that do not
 overlap, or with --stride S a sliding window that scores only its last S tokens.
 
+Each document of a text source starts with the token the model expects before a text: BOS
+when its tokenizer adds one (imported Llama-style models), else EOS, the separator `prepare`
+puts between training documents. The output says which; --doc-start picks the other.
+
 examples:
   andromeda eval --ckpt runs/shk/checkpoints/best --data data/shk
   andromeda eval --ckpt ckpt --data held_out.txt --seq-len 512 --stride 256 --json
@@ -12,13 +16,14 @@ examples:
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
 from andromeda.checkpoint import load_checkpoint
 from andromeda.devices import resolve_device
 from andromeda.errors import UserError
-from andromeda.eval.perplexity import evaluate, load_eval_tokens
+from andromeda.eval.perplexity import DOC_STARTS, evaluate, load_eval_tokens
 
 
 def add_arguments(p) -> None:
@@ -30,6 +35,9 @@ def add_arguments(p) -> None:
                    help="score only the last STRIDE tokens of each window (default: seq-len, no overlap)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--split", default="val", help="split of a prepared data folder (default: val)")
+    p.add_argument("--doc-start", choices=DOC_STARTS, default="auto",
+                   help="token before each document of a text source: bos, eos or none (default auto: bos when "
+                        "the tokenizer adds it, else eos)")
     p.add_argument("--doc-mask", action="store_true", help="mask attention across document boundaries")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -43,7 +51,7 @@ def run(args) -> int:
     model, tokenizer, _ = load_checkpoint(args.ckpt, device=device, dtype=dtype)
     if tokenizer is None:
         raise UserError(f"checkpoint {args.ckpt} has no tokenizer; cannot read text for it")
-    data = load_eval_tokens(args.data, tokenizer, args.split)
+    data = load_eval_tokens(args.data, tokenizer, args.split, args.doc_start)
     seq_len = args.seq_len or min(model.cfg.max_seq_len, data.length - 1)
     result = evaluate(model, tokenizer, data, seq_len, args.batch_size, stride=args.stride, doc_mask=args.doc_mask)
     if args.json:
@@ -51,4 +59,8 @@ def run(args) -> int:
     else:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
               f"bits/byte {result['bits_per_byte']:.4f}  tokens {result['tokens']:,}  (seq_len {seq_len})")
+        other = "eos" if data.doc_start == "bos" else "bos"
+        print(f"each document starts with {data.doc_start.upper()}"
+              + (f" (--doc-start {other} for the other convention)" if getattr(tokenizer, f"{other}_id") is not None
+                 else ""), file=sys.stderr)
     return 0

@@ -27,9 +27,20 @@ class Tokenizer:
     vocab_size: int
     eos_id: Optional[int] = None
     bos_id: Optional[int] = None
+    add_bos: bool = False
+    """Whether a text the model reads starts with `bos_id` (Llama's and Mistral's tokenizers
+    add it; the byte, char and BPE tokenizers trained here separate documents with EOS)."""
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone: no special tokens (data preparation joins documents itself)."""
         raise NotImplementedError
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a model reads for a prompt: BOS first exactly when the tokenizer adds it, as
+        transformers' `tokenizer(text)` does. Every prompt (generate, chat, serve, SFT) goes
+        through here, so all agree with each other and with the model's own tokenizer."""
+        ids = self.encode(text)
+        return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -93,21 +104,32 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
     FILE = "tokenizer.json"
 
-    def __init__(self, tok, eos_token: Optional[str] = None, bos_token: Optional[str] = None):
+    def __init__(self, tok, eos_token: Optional[str] = None, bos_token: Optional[str] = None,
+                 add_bos: Optional[bool] = None):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_token, self.bos_token = eos_token, bos_token
         self.eos_id = tok.token_to_id(eos_token) if eos_token else None
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        self.add_bos = self._post_processor_adds_bos() if add_bos is None else bool(add_bos)
+
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether tokenizer.json's post-processor puts BOS before a text (what transformers
+        applies with add_special_tokens=True): the tokenizer's own rule, read from the file."""
+        if self.bos_id is None:
+            return False
+        ids = self.tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_id
 
     @classmethod
-    def from_file(cls, path: Path, eos_token: Optional[str] = None, bos_token: Optional[str] = None):
+    def from_file(cls, path: Path, eos_token: Optional[str] = None, bos_token: Optional[str] = None,
+                  add_bos: Optional[bool] = None):
         from tokenizers import Tokenizer as _HFTok
         try:
             tok = _HFTok.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on malformed files
             raise UserError(f"cannot read tokenizer {path}: {e}") from None
-        return cls(tok, eos_token, bos_token)
+        return cls(tok, eos_token, bos_token, add_bos)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -124,7 +146,8 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def spec(self) -> dict:
-        return {"kind": "hf", "file": self.FILE, "eos_token": self.eos_token, "bos_token": self.bos_token}
+        return {"kind": "hf", "file": self.FILE, "eos_token": self.eos_token, "bos_token": self.bos_token,
+                "add_bos": self.add_bos}
 
     def save(self, folder: Path) -> None:
         self.tok.save(str(Path(folder) / self.FILE))
@@ -242,7 +265,8 @@ def load_tokenizer(spec: dict, folder: Optional[Path] = None) -> Tokenizer:
         return CharTokenizer(list(spec["chars"]))
     if kind == "hf":
         path = _tokenizer_file(spec, folder, HFTokenizer.FILE)
-        return HFTokenizer.from_file(path, spec.get("eos_token"), spec.get("bos_token"))
+        # Specs written before `add_bos` was recorded read the rule from the tokenizer file.
+        return HFTokenizer.from_file(path, spec.get("eos_token"), spec.get("bos_token"), spec.get("add_bos"))
     if kind == "sentencepiece":
         return SentencePieceTokenizer.from_file(_tokenizer_file(spec, folder, SentencePieceTokenizer.FILE))
     raise UserError(f"unknown tokenizer kind {kind!r} in {json.dumps(spec)[:200]}")

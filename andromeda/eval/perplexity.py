@@ -2,12 +2,16 @@
 
 - `evaluate(model, tokenizer, source, seq_len, batch_size, stride=None, doc_mask=False)`
   -> {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "seq_len", "stride"}.
-- `load_eval_tokens(source, tokenizer) -> EvalTokens`: the token stream to score, from a text
-  file, a folder of text (or any input `prepare` reads), or a prepared data folder (its val
-  split).
+- `load_eval_tokens(source, tokenizer, split, doc_start) -> EvalTokens`: the token stream to
+  score, from a text file, a folder of text (or any input `prepare` reads), or a prepared data
+  folder (its val split).
+- `resolve_doc_start(tokenizer, doc_start)`: the token put before each document.
 
-What is scored: the stream is laid out as `prepare` lays it out (each document is
-`[EOS] + tokens`), and every token after the first is predicted exactly once. By default the
+What is scored: each document of a text source is `[start] + tokens`, where the start token is
+BOS for tokenizers that add it (imported Llama-style models read text that way), else EOS (how
+`prepare` separates documents of training data); `doc_start` picks the other convention, or
+none. A prepared folder is read as prepared (EOS). Every token after the first is predicted
+exactly once. By default the
 scored ranges do not overlap (window k reads tokens kL .. kL+L-1 and scores its predictions of
 kL+1 .. kL+L), so early tokens of a window see little context; the last, shorter range is read
 with earlier tokens in front so its window is full length too. `stride=S < L` gives the sliding evaluation of
@@ -46,6 +50,7 @@ class EvalTokens:
     length: int
     doc_starts: np.ndarray
     bytes: int
+    doc_start: str = "eos"  # the token before each document: 'bos', 'eos' or 'none'
 
 
 class _Array:
@@ -66,8 +71,29 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return True
 
 
-def load_eval_tokens(source: Union[str, Path, PreparedData], tokenizer: Tokenizer, split: str = "val") -> EvalTokens:
+DOC_STARTS = ("auto", "bos", "eos", "none")
+
+
+def resolve_doc_start(tokenizer: Tokenizer, doc_start: str = "auto") -> str:
+    """'bos', 'eos' or 'none': the token before each document; 'auto' is BOS when the
+    tokenizer adds it to every text (`Tokenizer.add_bos`), else EOS when it has one."""
+    if doc_start not in DOC_STARTS:
+        raise UserError(f"doc_start must be one of {', '.join(DOC_STARTS)}, got {doc_start!r}")
+    if doc_start == "auto":
+        return "bos" if tokenizer.add_bos and tokenizer.bos_id is not None else (
+            "eos" if tokenizer.eos_id is not None else "none")
+    if getattr(tokenizer, f"{doc_start}_id", 0) is None:
+        raise UserError(f"the tokenizer has no {doc_start.upper()} token; choose another document start")
+    return doc_start
+
+
+def load_eval_tokens(source: Union[str, Path, PreparedData], tokenizer: Tokenizer, split: str = "val",
+                     doc_start: str = "auto") -> EvalTokens:
+    start = resolve_doc_start(tokenizer, doc_start)
     if isinstance(source, PreparedData) or (Path(source).is_dir() and (Path(source) / META).exists()):
+        if doc_start not in ("auto", "eos"):
+            raise UserError(f"a prepared data folder separates documents with EOS as prepared; to score with "
+                            f"--doc-start {doc_start}, pass the text itself")
         data = open_prepared(source)
         if not _same_tokenizer(data.tokenizer, tokenizer):
             raise UserError(f"{data.folder} was prepared with tokenizer {data.tokenizer.spec()['kind']} "
@@ -78,12 +104,12 @@ def load_eval_tokens(source: Union[str, Path, PreparedData], tokenizer: Tokenize
             raise UserError(f"the {split} split of {data.folder} has {len(stream)} tokens; nothing to score")
         first = stream.read(0, 1).tolist()
         n_bytes = data.meta["splits"][split]["bytes"] - tokenizer.bytes_of(first)
-        return EvalTokens(stream, len(stream), np.asarray(data.doc_starts[split], dtype=np.int64), n_bytes)
+        return EvalTokens(stream, len(stream), np.asarray(data.doc_starts[split], dtype=np.int64), n_bytes, "eos")
     sources = resolve_sources([str(source)])
     parts: list[np.ndarray] = []
     starts: list[int] = []
     n_tokens = n_bytes = 0
-    prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    prefix = {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[start]
     for begins, text in iter_pieces(sources):
         ids = (prefix if begins else []) + tokenizer.encode(text)
         if begins:
@@ -97,7 +123,7 @@ def load_eval_tokens(source: Union[str, Path, PreparedData], tokenizer: Tokenize
     if len(tokens) < 2:
         raise UserError(f"{source} is one token long; nothing to score")
     n_bytes -= tokenizer.bytes_of(tokens[:1].tolist())
-    return EvalTokens(_Array(tokens), len(tokens), np.asarray(starts, dtype=np.int64), n_bytes)
+    return EvalTokens(_Array(tokens), len(tokens), np.asarray(starts, dtype=np.int64), n_bytes, start)
 
 
 def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -151,4 +177,4 @@ def evaluate(model, tokenizer: Tokenizer, source, seq_len: int, batch_size: int 
     loss = nats / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": nats / math.log(2) / data.bytes if data.bytes > 0 else float("nan"),
-            "tokens": count, "bytes": data.bytes, "seq_len": seq_len, "stride": stride}
+            "tokens": count, "bytes": data.bytes, "seq_len": seq_len, "stride": stride, "doc_start": data.doc_start}

@@ -148,9 +148,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UserError("text prompts need a tokenizer; pass token ids instead")
-            ids = self.tokenizer.encode(prompt)
-            if ids and self.tokenizer.bos_id is not None:
-                ids = [self.tokenizer.bos_id] + ids
+            ids = self.tokenizer.encode_prompt(prompt)
         else:
             ids = [int(i) for i in prompt]
         if not ids:

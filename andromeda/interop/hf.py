@@ -234,16 +234,6 @@ def tokenizer_from_hf(folder: Path, hf: dict) -> HFTokenizer:
     return HFTokenizer(tok.tok, _special_token(tok.tok, "eos", sources), _special_token(tok.tok, "bos", sources))
 
 
-def adds_bos(tokenizer: HFTokenizer) -> bool:
-    """Whether the tokenizer's post-processor puts bos before every text, as Llama's and
-    Mistral's do. `HFTokenizer.encode` leaves special tokens out, so prompts for such a model
-    need bos prepended by the caller; the checkpoint records this as meta.add_bos."""
-    if tokenizer.bos_id is None:
-        return False
-    ids = tokenizer.tok.encode("a", add_special_tokens=True).ids
-    return bool(ids) and ids[0] == tokenizer.bos_id
-
-
 # ---------------------------------------------------------------- folders
 @dataclass
 class HFImport:
@@ -303,7 +293,7 @@ def import_hf(folder: Path, dtype: Optional[torch.dtype] = None, with_tokenizer:
             "parameters": sum(p.numel() for p in model.parameters()),
             "tokenizer": None if tokenizer is None else
             {"vocab_size": tokenizer.vocab_size, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
-             "add_bos": adds_bos(tokenizer)}}
+             "add_bos": tokenizer.add_bos}}
     return HFImport(model, tokenizer, info)
 
 

@@ -85,9 +85,9 @@ def read_sft_records(path: Path) -> list[list[dict]]:
 
 
 def encode_example(rendered: Rendered, tokenizer: Tokenizer, max_len: int) -> Example:
-    """Token ids of the rendered text (BOS first when the tokenizer has one), truncated to
-    `max_len`, with the loss flag of each token."""
-    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    """Token ids of the rendered text (BOS first when the tokenizer adds it, as for prompts:
+    `Tokenizer.encode_prompt`), truncated to `max_len`, with the loss flag of each token."""
+    ids: list[int] = tokenizer.encode_prompt("")
     loss: list[bool] = [False] * len(ids)
     for piece, is_response in rendered.segments():
         piece_ids = tokenizer.encode(piece)
