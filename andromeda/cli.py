@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("andromeda.commands.eval", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("andromeda.commands.generate", "generate text from a checkpoint"),
     "chat": ("andromeda.commands.chat", "interactive chat with a checkpoint"),
-    "convert": ("andromeda.commands.convert", "import a Hugging Face model folder"),
+    "convert": ("andromeda.commands.convert", "import/export Hugging Face folders, import x-transformers checkpoints"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
 }
