@@ -3,7 +3,9 @@
 `get_preset(name)` returns a validated ModelConfig; `PRESETS` maps name -> (description, dict).
 Sizes of the Andromeda family follow the spec's configs (dim_head 128, two KV heads, ALiBi
 on part of the heads plus xPos, QK-norm with a learned per-dim scale); x-transformers'
-defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width).
+defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width), without its
+legacy biases, skip gains and value rotation, like `andromeda-nobias`. `andromeda` itself is the
+spec's base model exactly as x-transformers 1.16 builds it (docs/model.md).
 """
 
 from __future__ import annotations

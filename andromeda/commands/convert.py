@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     src.add_argument("--from-x-transformers", metavar="FILE.pt",
                      help="x-transformers 1.16 TransformerWrapper state_dict (torch.save) to import; needs --config")
     p.add_argument("--config", metavar="FILE.json",
-                   help="with --from-x-transformers: the TransformerWrapper arguments, attn_layers holding the Decoder's")
+                   help="with --from-x-transformers: TransformerWrapper arguments, attn_layers holding the Decoder's")
     p.add_argument("--tokenizer", metavar="byte|PATH",
                    help="with --from-x-transformers: tokenizer to store with the model ('byte', or a tokenizer.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")

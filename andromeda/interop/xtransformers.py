@@ -67,9 +67,9 @@ DECODER_DEFAULTS = {
     "attn_on_attn": False, "attn_gate_values": False, "attn_max_attend_past": None, "attn_shared_kv": False,
     "attn_value_dim_head": None, "attn_tensor_product": False, "ff_relu_squared": False, "ff_post_act_ln": False,
 }
-# Arguments of later x-transformers releases; 1.16.0 raises on attn_* ones and silently ignores the rest.
-LATER = {"attn_kv_heads", "use_simple_rmsnorm", "attn_qk_norm_dim_scale_learned", "attn_rotate_value",
-         "rotary_interpolation_factor", "rotary_base_rescale_factor", "attn_gate_value_heads", "ff_no_bias_in"}
+# Arguments of later x-transformers releases that Andromeda configs use: 1.16.0 raises on
+# attn_kv_heads and silently ignores use_simple_rmsnorm (building LayerNorms).
+LATER = {"attn_kv_heads", "use_simple_rmsnorm"}
 
 
 def _refuse(name: str, value: Any, why: str) -> None:
@@ -191,7 +191,7 @@ def config_from_xtransformers(args: dict) -> ModelConfig:
         position = {"kind": "xpos" if layers.get("rotary_xpos") else "rope", "rope_dim": d.rotary_dim,
                     "rotate_values": True, "xpos_scale_base": base,
                     # x-transformers does not clamp the xPos exponent: keep ours out of the way up to max_seq_len
-                    "xpos_max_power": max(32.0, math.ceil(max_seq_len / (2 * base)))}
+                    "xpos_max_power": float(max(32, math.ceil(max_seq_len / (2 * base))))}
     if _get(layers, "alibi_pos_bias", False, bool):
         position["alibi_heads"] = _get(layers, "alibi_num_heads", None, int) or d.heads
     attention: dict = {"heads": d.heads, "kv_heads": d.kv_heads, "head_dim": d.dim_head,
