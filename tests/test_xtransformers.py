@@ -280,3 +280,14 @@ def test_autoregressive_wrapper_prefix_is_read(tmp_path):
     model, _, _ = load_checkpoint(tmp_path / "ckpt")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert torch.equal(model.embed.weight, ref.token_emb.emb.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("override", [{"head_bias": "true"}, {"block.residual_gain": "true"},
+                                      {"position.rotate_values": "true"}])
+def test_hugging_face_export_refuses_what_llama_cannot_hold(override):
+    from andromeda.errors import UserError
+    from andromeda.interop.hf import config_to_hf
+
+    config_to_hf(get_preset("llama-tiny"))  # exportable as it is
+    with pytest.raises(UserError, match="head_bias, block.residual_gain or position.rotate_values"):
+        config_to_hf(apply_overrides(get_preset("llama-tiny"), override))
