@@ -6,7 +6,8 @@ outputs agree, then times greedy decoding of `--new-tokens` tokens after a `--pr
 prompt (batch 1): HF `generate` with its default dynamic cache against andromeda's `Engine`.
 Each side runs `--repeats` times, alternating, and the median is reported.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--threads 2] [--new-tokens 256] [--dim 768 --depth 12 --heads 12 --hidden 2048] [--json]
+    .venv/bin/python benchmarks/cpu_decode.py [--threads 2] [--new-tokens 256] [--json]
+    .venv/bin/python benchmarks/cpu_decode.py --dim 768 --depth 12 --heads 12 --hidden 2048   (beyond L3)
 """
 
 from __future__ import annotations
