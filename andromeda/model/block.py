@@ -113,8 +113,12 @@ class Block(nn.Module):
         return sum(p.numel() for m in parts if m is not None for p in m.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        own = self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * self._stream_parameters()
-        return own if self.route is None else self.route.flops_per_token(own)
+        if self.route is None:
+            return self._body_flops(seq_len)
+        return self.route.flops_per_token(seq_len, self._body_flops)
+
+    def _body_flops(self, seq_len: int) -> float:
+        return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * self._stream_parameters()
 
     def active_parameters(self) -> int:
         inside = self.mixer.active_parameters() + self.ffn.active_parameters()

@@ -1,10 +1,13 @@
-"""Things applied to a built model from outside: compile, activation checkpointing, DDP.
+"""Things applied to a built model from outside: compile and DDP.
 
 Offers `DistInfo` / `init_distributed()` (torchrun environment -> process group),
-`apply_activation_checkpointing(model, on)`, `compile_model(model)`, `wrap_ddp(model, dist)`,
+`compile_model(model)`, `wrap_ddp(model, dist)`,
 `no_sync(model, last_micro_step)`, `all_gather(obj, dist)` and `largest_micro_batch(...)`
 (try-and-halve search for `--batch-size auto`). Model files never import torch.distributed;
-this module does it for them.
+this module does it for them. Activation checkpointing is a model option
+(`block.checkpoint_activations`): the Transformer runs each block under
+torch.utils.checkpoint, so the auxiliary losses a block returns are outputs of the
+checkpointed call.
 """
 
 from __future__ import annotations
@@ -49,14 +52,6 @@ def shutdown_distributed(info: DistInfo) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def apply_activation_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
-    """Recompute each block in backward (Chen et al. 2016): activation memory per layer drops
-    to the block input, for about one extra forward. The Transformer wraps its layers in
-    torch.utils.checkpoint when `checkpointing` is set (from block.checkpoint_activations)."""
-    model.checkpointing = on
-    return model
 
 
 def compile_model(model: nn.Module) -> nn.Module:
