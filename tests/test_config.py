@@ -24,6 +24,10 @@ from andromeda.presets import PRESETS, get_preset
     (dict(position=dict(rope_dim=7)), "rope_dim"),
     (dict(norm=dict(placement="deepnorm"), block=dict(parallel=True)), "deepnorm"),
     (dict(mlp=dict(kind="swish")), "mlp.kind"),
+    (dict(position=dict(kind="none", rotate_values=True)), "rotate_values needs position.kind"),
+    (dict(position=dict(kind="xpos", xpos_value_centre="call")), "xpos_value_centre='call' needs"),
+    (dict(position=dict(kind="xpos", rotate_values=True, xpos_value_centre="middle")), "xpos_value_centre"),
+    (dict(block=dict(parallel=True, residual_gain=True)), "residual_gain is per sublayer"),
     (dict(colour="red"), "unknown config key: colour"),
     (dict(attention=dict(heds=4)), "unknown config key in attention: heds"),
 ])

@@ -67,9 +67,10 @@ DECODER_DEFAULTS = {
     "attn_on_attn": False, "attn_gate_values": False, "attn_max_attend_past": None, "attn_shared_kv": False,
     "attn_value_dim_head": None, "attn_tensor_product": False, "ff_relu_squared": False, "ff_post_act_ln": False,
 }
-# Arguments of later x-transformers releases that Andromeda configs use: 1.16.0 raises on
-# attn_kv_heads and silently ignores use_simple_rmsnorm (building LayerNorms).
-LATER = {"attn_kv_heads", "use_simple_rmsnorm"}
+# Arguments of later x-transformers releases that Andromeda configs use, and what 1.16.0 does with them.
+LATER = {"attn_kv_heads": "1.16.0 raises on it, so no 1.16 model has it",
+         "use_simple_rmsnorm": "1.16.0 ignores it and builds LayerNorms; for a model built with 1.16, drop it "
+                               "from the JSON"}
 
 
 def _refuse(name: str, value: Any, why: str) -> None:
@@ -86,7 +87,7 @@ def _check_names(args: dict, known: set, defaults: dict, where: str) -> None:
             continue
         if name in LATER:
             raise UserError(f"x-transformers argument {name!r} is not an argument of x-transformers {VERSION}, "
-                            "the version this importer reads")
+                            f"the version this importer reads ({LATER[name]})")
         hint = next((f"; did you mean {p}{name}?" for p in ("attn_", "ff_") if p + name in known), "")
         raise UserError(f"unknown x-transformers {where} argument {name!r} (x-transformers {VERSION}){hint}")
 
