@@ -416,9 +416,9 @@ class ModelConfig:
         if self.mod is not None:
             check(self.norm.placement == "pre",
                   "Mixture-of-Depths needs norm.placement='pre' (it scales the block's residual update)")
-            check(not self.position.rotate_values,
-                  "position.rotate_values (for imported x-transformers models) does not combine with "
-                  "Mixture-of-Depths: routed tokens would change where a call ends")
+            check(self.position.xpos_value_centre == "fixed",
+                  "position.xpos_value_centre='call' does not combine with Mixture-of-Depths "
+                  "(routing changes where a block's call ends); use 'fixed'")
 
     @property
     def plan(self) -> tuple[layer_plan.LayerSpec, ...]:

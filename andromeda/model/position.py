@@ -96,7 +96,9 @@ class Rotary(DerivedBuffers, nn.Module):
         self.xpos_max_power = p.xpos_max_power
         self.rotate_values = p.rotate_values
         self.call_centred_values = self.rotate_values and self.xpos and p.xpos_value_centre == "call"
-        # Centre the xPos exponent on the trained context so q and k scales stay near 1 there.
+        # Centre the xPos exponent on the trained context so q and k scales stay near 1 there. With
+        # rotated values it is also where their scale is 1: x-transformers' centre on a call of
+        # max_seq_len tokens (position.xpos_value_centre='fixed').
         self.xpos_centre = cfg.max_seq_len // 2
         self.register_buffer("inv_freq", None, persistent=False)
         self.register_buffer("xpos_zeta", None, persistent=False)
