@@ -194,7 +194,10 @@ def config_from_xtransformers(args: dict) -> ModelConfig:
                     # x-transformers does not clamp the xPos exponent: keep ours out of the way up to max_seq_len
                     "xpos_max_power": float(max(32, math.ceil(max_seq_len / (2 * base))))}
     if _get(layers, "alibi_pos_bias", False, bool):
-        position["alibi_heads"] = _get(layers, "alibi_num_heads", None, int) or d.heads
+        n = _get(layers, "alibi_num_heads", None, int)
+        if n is not None and not 1 <= n <= d.heads:
+            _refuse("alibi_num_heads", n, f"it must be between 1 and heads ({d.heads})")
+        position["alibi_heads"] = d.heads if n is None else n
     attention: dict = {"heads": d.heads, "kv_heads": d.kv_heads, "head_dim": d.dim_head,
                        "dropout": _get(layers, "attn_dropout", 0.0, float)}
     if layers.get("attn_qk_norm"):
