@@ -2,7 +2,8 @@
 
 Each subcommand lives in `andromeda/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; modules are imported only when their command runs, so `--help` is fast.
-A `UserError` (bad input) prints one line on stderr and exits 2; Ctrl-C exits 130.
+A `UserError` (bad input) prints one line on stderr and exits 2; Ctrl-C exits 130; a closed
+output pipe ends the command quietly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from andromeda.errors import UserError
@@ -63,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed the pipe (`andromeda presets | head -2`): stop quietly, as
+    a Unix tool does, with the status of a process SIGPIPE ended. stdout goes to /dev/null so
+    that the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":
