@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("andromeda.commands.eval", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("andromeda.commands.generate", "generate text from a checkpoint"),
     "chat": ("andromeda.commands.chat", "interactive chat with a checkpoint"),
-    "convert": ("andromeda.commands.convert", "import a Hugging Face model folder"),
+    "convert": ("andromeda.commands.convert", "convert between Hugging Face folders and andromeda checkpoints"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
 }
@@ -73,9 +73,12 @@ def _reader_went_away() -> int:
     """The reader of stdout closed the pipe (`andromeda presets | head -2`): stop quietly, as
     a Unix tool does, with the status of a process SIGPIPE ended. stdout goes to /dev/null so
     that the interpreter's final flush does not fail a second time."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (a library caller's stream)
+        pass
     return 128 + 13  # SIGPIPE
 
 

@@ -184,10 +184,12 @@ def test_prompt_errors():
         engine.generate(["x" * 40], GREEDY)
     with pytest.raises(UserError, match="vocabulary"):
         engine.generate([[1, 2, 999]], GREEDY)
-    # Truncation keeps the last tokens; generation stops at the end of the context.
+    # Truncation keeps the last tokens and leaves room for the new ones, up to half the context.
     trunc = Engine(engine.model, ByteTokenizer(), truncate_prompt=True)
+    r = trunc.generate(["x" * 40], GREEDY.replace(max_new_tokens=5))[0]
+    assert r.prompt_tokens == 27 and r.new_tokens == 5 and r.finish_reason == "length"
     r = trunc.generate(["x" * 40], GREEDY.replace(max_new_tokens=20))[0]
-    assert r.prompt_tokens == 31 and r.new_tokens == 1 and r.finish_reason == "length"
+    assert r.prompt_tokens == 16 and r.new_tokens == 16 and r.finish_reason == "length"
 
 
 @pytest.mark.slow

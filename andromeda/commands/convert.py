@@ -25,7 +25,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face save_pretrained folder to import")
-    src.add_argument("--to-hf", metavar="CKPT_DIR", help="andromeda checkpoint to export as a Hugging Face folder")
+    src.add_argument("--to-hf", metavar="CKPT_DIR",
+                     help="andromeda checkpoint (or training run folder) to export as a Hugging Face folder")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weight dtype to write (default: the dtype the source weights are stored in)")
@@ -49,13 +50,14 @@ def _from_hf(args) -> dict:
 
 
 def _to_hf(args) -> dict:
-    from andromeda.checkpoint import load_checkpoint
+    from andromeda.checkpoint import checkpoint_folder, load_checkpoint
     from andromeda.interop.hf import export_hf
     from andromeda.interop.hf_weights import SafetensorsFolder
 
-    model, tokenizer, _ = load_checkpoint(Path(args.to_hf))
+    source = checkpoint_folder(Path(args.to_hf))  # a run folder stands for its latest checkpoint
+    model, tokenizer, _ = load_checkpoint(source)
     # load_checkpoint computes in float32; keep the stored dtype unless asked otherwise.
-    dtype = DTYPES.get(args.dtype) or SafetensorsFolder(Path(args.to_hf)).dtype()
+    dtype = DTYPES.get(args.dtype) or SafetensorsFolder(source).dtype()
     return export_hf(model, None if args.no_tokenizer else tokenizer, Path(args.out), dtype,
                      overwrite=args.overwrite)
 

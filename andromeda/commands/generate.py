@@ -44,7 +44,8 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--truncate", action="store_true",
-                   help="keep the last tokens of a prompt longer than the context instead of failing")
+                   help="keep the last tokens of a prompt that does not fit, leaving room for --max-new-tokens "
+                        "(at most half the context)")
 
 
 def add_arguments(p) -> None:
@@ -115,12 +116,22 @@ def read_prompt(args) -> str:
     return text
 
 
+def report_capped_budget(engine, prompt: str, params: SamplingParams) -> None:
+    """Say on stderr when fewer new tokens than asked for fit in the model's context."""
+    used = len(engine.encode(prompt, room=params.max_new_tokens))
+    fits = engine.max_seq_len - used
+    if params.max_new_tokens > fits:
+        print(f"andromeda: --max-new-tokens {params.max_new_tokens} capped to {fits}: the prompt takes {used} "
+              f"of the model's {engine.max_seq_len} positions", file=sys.stderr)
+
+
 def run(args) -> int:
     params = sampling_params(args)  # check the numbers before loading anything
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     prompt = read_prompt(args)
     engine = build_engine(args)
+    report_capped_budget(engine, prompt, params)
     prompts = [prompt] * args.num_samples
     if args.json:
         results = engine.generate(prompts, params)

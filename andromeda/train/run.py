@@ -80,6 +80,10 @@ def resolve_run(args) -> RunPlan:
     elif args.config:
         data = read_json(Path(args.config), "config file")
         if "model" in data:
+            for key in ("model", "train"):
+                if not isinstance(data.get(key) or {}, dict):
+                    raise ConfigError(f"{key} in {args.config} must be a mapping of its fields, "
+                                      f"got {type(data[key]).__name__} {data[key]!r}")
             model_dict, train_dict = data["model"], {**train_dict, **(data.get("train") or {})}
         else:
             model_dict = data
