@@ -192,6 +192,23 @@ def test_prompt_errors():
     assert r.prompt_tokens == 16 and r.new_tokens == 16 and r.finish_reason == "length"
 
 
+def test_compiled_one_row_decoding_matches_eager_fast():
+    """The default suite's check of the compiled CPU decode path (batch 1, the fused one-row
+    products that CPU decoding speed rests on); the slow test below covers more models and
+    batch shapes. compile_ms shows the compiled step did run, not an eager fallback."""
+    cfg = get_preset("llama-tiny")
+    cfg.max_seq_len, cfg.depth = 64, 1
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8.0)
+    params = GREEDY.replace(max_new_tokens=6)
+    eager = Engine(model, ByteTokenizer()).generate(["a prompt"], params)[0]
+    compiled = Engine(model, ByteTokenizer(), compile=True).generate(["a prompt"], params)[0]
+    assert compiled.compile_ms > 0
+    assert compiled.token_ids == eager.token_ids and len(set(eager.token_ids)) > 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["llama-tiny", "andromeda-tiny", "moe-tiny", "anemone-tiny", "anemone-1.58-tiny"])
 def test_compiled_decoding_matches_eager(preset):
