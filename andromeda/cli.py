@@ -15,6 +15,7 @@ import os
 import sys
 
 from andromeda.errors import UserError
+from andromeda.threads import THREADED_COMMANDS, add_threads_argument, apply_threads, prefer_passive_wait
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,12 +46,15 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
             p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             module.add_arguments(p)
+            if name in THREADED_COMMANDS:
+                add_threads_argument(p)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_wait()  # before any command imports torch (see andromeda/threads.py)
     argv = sys.argv[1:] if argv is None else argv
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        if args.command in THREADED_COMMANDS:
+            apply_threads(args.threads)
         return int(module.run(args) or 0)
     except UserError as e:
         print(f"andromeda {args.command}: error: {e}", file=sys.stderr)
