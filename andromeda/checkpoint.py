@@ -68,7 +68,7 @@ def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: boo
     try:
         fill(tmp)
         _fsync_tree(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; checkpoints are shared artefacts
+        _usual_modes(tmp)
         old = dest.with_name(dest.name + ".old")
         if dest.exists():
             if old.exists():
@@ -81,6 +81,20 @@ def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the folder and its files the modes a plain create gives under the user's umask:
+    mkdtemp makes the folder private and some writers (safetensors) create files 0600, but
+    checkpoints are shared artefacts, readable like any other file the user writes."""
+    probe = folder / ".mode-probe"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: folders must be searchable
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def _fsync_tree(folder: Path) -> None:

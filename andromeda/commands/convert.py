@@ -29,7 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face save_pretrained folder to import")
-    src.add_argument("--to-hf", metavar="CKPT_DIR", help="andromeda checkpoint to export as a Hugging Face folder")
+    src.add_argument("--to-hf", metavar="CKPT_DIR",
+                     help="andromeda checkpoint (or training run folder) to export as a Hugging Face folder")
     src.add_argument("--from-x-transformers", metavar="FILE.pt",
                      help="x-transformers 1.16 TransformerWrapper state_dict (torch.save) to import; needs --config")
     p.add_argument("--config", metavar="FILE.json",
@@ -80,13 +81,14 @@ def _from_xtransformers(args) -> dict:
 
 
 def _to_hf(args) -> dict:
-    from andromeda.checkpoint import load_checkpoint
+    from andromeda.checkpoint import checkpoint_folder, load_checkpoint
     from andromeda.interop.hf import export_hf
     from andromeda.interop.hf_weights import SafetensorsFolder
 
-    model, tokenizer, _ = load_checkpoint(Path(args.to_hf))
+    source = checkpoint_folder(Path(args.to_hf))  # a run folder stands for its latest checkpoint
+    model, tokenizer, _ = load_checkpoint(source)
     # load_checkpoint computes in float32; keep the stored dtype unless asked otherwise.
-    dtype = DTYPES.get(args.dtype) or SafetensorsFolder(Path(args.to_hf)).dtype()
+    dtype = DTYPES.get(args.dtype) or SafetensorsFolder(source).dtype()
     return export_hf(model, None if args.no_tokenizer else tokenizer, Path(args.out), dtype,
                      overwrite=args.overwrite)
 

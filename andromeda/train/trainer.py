@@ -32,6 +32,7 @@ from andromeda.model.transformer import Transformer
 from andromeda.train import checkpoint as ckpt
 from andromeda.train.config import TrainConfig, training_dtype
 from andromeda.train.flops import device_peak_flops, flops_per_token, mfu
+from andromeda.train.interrupt import TrainingInterrupted
 from andromeda.train.metrics import MetricsLog, routing_metrics
 from andromeda.train.optim import build_optimizer
 from andromeda.train.parallel import DistInfo, all_gather, compile_model, no_sync, wrap_ddp
@@ -195,9 +196,11 @@ class Trainer:
         return sum(all_gather(val, self.dist)) / self.dist.world
 
     # ----- the loop ----------------------------------------------------------------------
-    def fit(self, stop_after: Optional[int] = None) -> Path:
+    def fit(self, stop_after: Optional[int] = None,
+            should_stop: Optional[Callable[[], Optional[int]]] = None) -> Path:
         """Train until max_steps (or until step `stop_after`, checkpointed, for split runs)
-        and return the final checkpoint folder."""
+        and return the final checkpoint folder. `should_stop()`, asked after every step,
+        returns a signal number to save a checkpoint and raise TrainingInterrupted."""
         cfg, end = self.cfg, min(self.cfg.max_steps, stop_after or self.cfg.max_steps)
         log = MetricsLog(self.run_dir, self.step, cfg.tensorboard, enabled=self.dist.main)
         bar = self._progress_bar()
@@ -224,12 +227,18 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 self._validate_and_save(log, final=self.step == end)
+                signum = should_stop() if should_stop is not None else None
+                if signum is not None and self.step < end:
+                    raise TrainingInterrupted(signum, self.step, self._save_if_unsaved())
         finally:
             if bar is not None:
                 bar.close()
             log.close()
+        return self._save_if_unsaved()  # e.g. a resumed run that was already complete
+
+    def _save_if_unsaved(self) -> Path:
         if self.last_saved is None or self.last_saved.name != ckpt.step_dir(self.run_dir, self.step).name:
-            self.save(is_best=False)  # e.g. a resumed run that was already complete
+            self.save(is_best=False)
         return ckpt.step_dir(self.run_dir, self.step)
 
     def _validate_and_save(self, log: MetricsLog, final: bool) -> None:
