@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("andromeda.commands.convert", "import a Hugging Face model folder"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
+    "consolidate": ("andromeda.commands.consolidate", "write a sharded (FSDP) checkpoint as an ordinary one"),
 }
 
 
