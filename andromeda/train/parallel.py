@@ -129,7 +129,7 @@ def apply_fsdp(model: nn.Module, device: torch.device, dtype: Optional[torch.dty
     fully_shard(model, **policy)
     if on_meta:
         model.to_empty(device="cpu" if offload else device)
-        with _ShardedInit():
+        with torch.no_grad(), _ShardedInit(model):
             model.init_weights()
         if offload:  # derived buffers (rotary tables) are not sharded; the compute device needs them
             for module in model.modules():
@@ -138,33 +138,58 @@ def apply_fsdp(model: nn.Module, device: torch.device, dtype: Optional[torch.dty
     return model
 
 
-_RANDOM_FILLS = frozenset({"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "log_normal_",
-                           "cauchy_", "geometric_"})
+# Reading these never changes a tensor, so they need no staging (see _ShardedInit).
+_METADATA = frozenset({"shape", "dim", "size", "dtype", "device", "numel", "ndim", "is_meta", "requires_grad",
+                       "is_floating_point", "element_size", "layout"})
 
 
 class _ShardedInit(torch.overrides.TorchFunctionMode):
-    """While a sharded model runs its init rules, each random fill of a sharded parameter is
-    drawn for the whole tensor on the CPU generator, exactly as a one-process model built on
-    the CPU draws it (same generator, same order), and the rank keeps its slice. So one seed
-    gives the same model at every world size, and only one parameter is whole at a time.
-    Written here because DTensor's own random ops draw per shard, which differs from one
-    process."""
+    """Run a sharded model's init rules on whole tensors, one parameter at a time.
+
+    The first op that touches a sharded parameter (a DTensor) gathers it into a plain full
+    tensor, the "staged" copy, and the op (and every later one on that parameter, views
+    such as the q/k/v split of a fused projection included) runs on that copy; when an op
+    touches another parameter, the rank keeps its slice of the staged copy and drops it.
+    So the rules draw exactly the random numbers a one-process model draws (same generator,
+    same order, same shapes): one seed gives the same model at every world size, and only the
+    parameter being initialised is ever whole. Written here because DTensor's own ops draw
+    random numbers per shard and split a sharded dimension into copies, not views."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from torch.distributed.tensor import DTensor
+        self.sharded = {id(p) for p in model.parameters() if isinstance(p, DTensor)}
+        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
+        from torch.utils._pytree import tree_flatten, tree_map
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _RANDOM_FILLS and args and isinstance(args[0], DTensor):
-            target = args[0]
-            full = torch.empty(target.shape, dtype=target.dtype)
-            getattr(full, func.__name__)(*args[1:], **kwargs)
-            shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
-                                                                  target.placements)
-            local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-            target.to_local().copy_(local)
-            return target
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property such as .shape: its descriptor holds the name
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        touched = {id(a): a for a in tree_flatten((args, kwargs))[0] if id(a) in self.sharded}
+        if not touched:  # plain tensors, views of a staged copy among them
+            return func(*args, **kwargs)
+        for key in [k for k in self.staged if k not in touched]:
+            self._keep_slice(key)
+        for key, param in touched.items():
+            if key not in self.staged:
+                self.staged[key] = (param, param.full_tensor())
+        args, kwargs = tree_map(lambda a: self.staged[id(a)][1] if id(a) in touched else a, (args, kwargs))
         return func(*args, **kwargs)
+
+    def _keep_slice(self, key: int) -> None:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        param, full = self.staged.pop(key)
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        param.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+
+    def __exit__(self, *exc):
+        for key in list(self.staged):
+            self._keep_slice(key)
+        return super().__exit__(*exc)
 
 
 def plain(x: torch.Tensor) -> torch.Tensor:
