@@ -4,6 +4,10 @@ Driver (launches torchrun once per setup and world size, prints a markdown table
 
   python benchmarks/fsdp.py --preset gpt2 --seq 128 --batch 1 --steps 2 --worlds 1,2,4
   python benchmarks/fsdp.py --device cuda --worlds 1,2,4,8 --preset llama --seq 2048 --batch 4 --json
+  python benchmarks/fsdp.py --device cuda --worlds 1,8 --probe gpt2,andromeda-1b,llama,andromeda-3b --steps 1
+
+`--probe` tries the presets in the order given (smallest first) for each setup and world size
+and reports the largest that trains (a worker that fails, e.g. out of memory, ends the probe).
 
 Worker (one rank; what the driver runs under torchrun):
 
@@ -104,6 +108,24 @@ def run_setup(setup: str, world: int, args, timeout: float) -> list[dict]:
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def probe(args) -> None:
+    rows = []
+    for world in [int(w) for w in args.worlds.split(",")]:
+        for setup in args.setups.split(","):
+            largest, failed = None, None
+            for preset in args.probe.split(","):
+                try:
+                    run_setup(setup, world, argparse.Namespace(**{**vars(args), "preset": preset}), args.timeout)
+                    largest = preset
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    failed = f"{preset}: {str(e).strip().splitlines()[-1][:200]}"
+                    break
+            rows.append({"setup": setup, "world": world, "largest": largest, "first_failure": failed})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(rows) if args.json else "\n".join(
+        f"{r['setup']} x {r['world']}: {r['largest']} (then {r['first_failure']})" for r in rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help="run one rank (under torchrun)")
@@ -121,10 +143,14 @@ def main() -> None:
     p.add_argument("--setups", default=",".join(SETUPS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per setup and world size")
+    p.add_argument("--probe", default=None, metavar="PRESETS",
+                   help="presets, smallest first: report the largest that trains")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.probe:
+        return probe(args)
     rows = []
     for world in [int(w) for w in args.worlds.split(",")]:
         for setup in args.setups.split(","):

@@ -219,3 +219,27 @@ def test_load_file_is_what_an_ordinary_checkpoint_holds(tmp_path, data):
     model, _, _ = load_checkpoint(tmp_path / "one")
     stored = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert set(stored) == set(model.state_dict()) - ({"head.weight"} if model.cfg.tie_embeddings else set())
+
+
+def test_activation_checkpointing_composes_with_fsdp(tmp_path, data, monkeypatch):
+    import torch.utils.checkpoint as tuc
+    calls = []
+    real = tuc.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tuc, "checkpoint", spy)
+    assert train(data, tmp_path / "plain", 3) == 0
+    assert not calls
+    assert train(data, tmp_path / "ac", 3, *FSDP, "--set", "block.checkpoint_activations=true") == 0
+    assert len(calls) == 3 * 2  # each of the 2 blocks in each of the 3 steps (validation runs without)
+    assert curve(tmp_path / "ac") == pytest.approx(curve(tmp_path / "plain"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_compose_with_fsdp_and_offload(tmp_path, data):
+    assert train(data, tmp_path / "plain", 4) == 0
+    assert train(data, tmp_path / "compiled", 4, *FSDP, "--set", "train.offload=cpu", "--set", "train.compile=true",
+                 "--set", "block.checkpoint_activations=true") == 0
+    assert curve(tmp_path / "compiled") == pytest.approx(curve(tmp_path / "plain"), rel=1e-5)
