@@ -101,12 +101,27 @@ def test_sharded_init_equals_one_process_for_every_tiny_preset_on_two_ranks(tmp_
         "    for k, v in m.state_dict().items():\n"
         "        if not torch.equal(v.full_tensor(), ref.state_dict()[k]): bad.append(name + ':' + k)\n"
         "print('checked', len(P.PRESETS), 'bad', bad)\n"
+        "# Negative control: DTensor's own ops (per-shard random draws, split into copies) differ.\n"
+        "import andromeda.train.parallel as par\n"
+        "class Plain(torch.overrides.TorchFunctionMode):\n"
+        "    def __init__(self, model): super().__init__()\n"
+        "    def __torch_function__(self, f, t, a=(), k=None): return f(*a, **(k or {}))\n"
+        "par._ShardedInit = Plain\n"
+        "cfg = P.get_preset('llama-tiny')\n"
+        "torch.manual_seed(0)\n"
+        "m = apply_fsdp(build_model(cfg, device='meta'), torch.device('cpu'), None)\n"
+        "torch.manual_seed(0)\n"
+        "ref = build_model(cfg, device='meta').to_empty(device='cpu')\n"
+        "ref.init_weights()\n"
+        "same = all(torch.equal(v.full_tensor(), ref.state_dict()[k]) for k, v in m.state_dict().items())\n"
+        "print('control same', same)\n"
         "dist.destroy_process_group()\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(script)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("bad []") == 2, proc.stdout
+    assert proc.stdout.count("control same False") == 2, proc.stdout
 
 
 def _children(pid: int) -> list[int]:
