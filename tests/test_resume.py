@@ -171,8 +171,9 @@ def test_lowmem_optimizer_state_resumes_exactly(tmp_path, optimizer):
     pytest.importorskip("andromeda.train.lowmem")
     from andromeda.model.config import ModelConfig
     from andromeda.model.transformer import Transformer
+    from andromeda.train.benchmark import RandomTokens
     from andromeda.train.config import TrainConfig
-    from andromeda.train.trainer import RandomTokens, Trainer
+    from andromeda.train.trainer import Trainer
 
     cpu = torch.device("cpu")
 

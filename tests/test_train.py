@@ -20,12 +20,14 @@ from andromeda.model.state import Aux
 from andromeda.model.transformer import Transformer
 from andromeda.presets import get_preset
 from andromeda.train import checkpoint as ckpt
+from andromeda.train.autobatch import auto_micro_batch
+from andromeda.train.benchmark import RandomTokens, benchmark_train
 from andromeda.train.config import TrainConfig
 from andromeda.train.flops import device_peak_flops, flops_per_token
 from andromeda.train.optim import build_optimizer, param_groups
 from andromeda.train.parallel import largest_micro_batch
 from andromeda.train.schedule import lr_at, warmup_steps
-from andromeda.train.trainer import RandomTokens, Trainer, TrainingDiverged, auto_micro_batch, benchmark_train
+from andromeda.train.trainer import Trainer, TrainingDiverged
 
 CPU = torch.device("cpu")
 SMALL = dict(vocab_size=64, max_seq_len=32, dim=32, depth=2, attention=dict(heads=2), mlp=dict(multiple_of=16))
@@ -274,7 +276,7 @@ def test_keep_last_and_best(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_steps=8, save_every=1, keep_last=2, eval_every=2)
     vals = iter([3.0, 1.0, 2.0, 2.5])  # best at the second validation (step 4)
     trainer.make_val_loader = lambda: object()
-    monkeypatch.setattr("andromeda.train.trainer.evaluate", lambda *a, **k: next(vals))
+    monkeypatch.setattr("andromeda.train.trainer.validation_loss", lambda *a, **k: next(vals))
     trainer.fit()
     names = sorted(p.name for _, p in ckpt.step_checkpoints(tmp_path))
     assert names == ["step_0000004", "step_0000007", "step_0000008"]
@@ -436,3 +438,30 @@ def test_routing_metrics_keeps_scalars_and_summarises_vectors():
                            "moe_load/layer0": torch.tensor([0.5, 0.25, 0.25, 0.0])})
     assert out == {"mod_fraction/layer1": 0.25, "moe_load/layer0": [0.5, 0.25, 0.25, 0.0],
                    "moe_load/layer0/max_over_mean": 2.0}
+
+
+def test_presets_bring_training_settings_that_suit_their_size(tmp_path):
+    """A CPU-sized preset trains at its own learning rate without --set; --set still wins, and a
+    config file (no preset) keeps TrainConfig's defaults."""
+    import argparse
+
+    from andromeda.commands.train import add_arguments
+    from andromeda.presets import preset_training
+    from andromeda.train.config import TrainConfig
+    from andromeda.train.run import resolve_run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def lr_of(*argv):
+        plan = resolve_run(parser.parse_args([*argv, "--out", str(tmp_path / "run")]))
+        return plan.train_cfg.lr
+
+    assert lr_of("--preset", "llama-tiny") == 3e-3 == preset_training("llama-tiny")["lr"]
+    assert lr_of("--preset", "llama-tiny", "--set", "train.lr=1e-4") == 1e-4
+    assert preset_training("gpt2")["lr"] == 6e-4 and preset_training("llama")["lr"] == 3e-4
+    assert preset_training("andromeda-15b")["lr"] == 1.5e-4
+    assert preset_training("shakespeare-char")["batch_size"] == 64
+    (tmp_path / "model.json").write_text(json.dumps({"dim": 32, "depth": 1, "attention": {"heads": 2}}))
+    assert lr_of("--config", str(tmp_path / "model.json")) == TrainConfig().lr
+    assert not (tmp_path / "run").exists()  # resolving writes nothing

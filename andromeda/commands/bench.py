@@ -8,7 +8,7 @@
       CUDA also the fraction of HBM bandwidth used, (weight bytes + KV bytes read per step) /
       step time / peak bandwidth (peak from a table of known GPUs, or --hbm-gbps).
   bench train --preset NAME [--seq 1024 --batch 8 --steps 10] [--compile]
-      the trainer's benchmark (andromeda.train.trainer.benchmark_train): tokens/s and MFU.
+      the trainer's benchmark (andromeda.train.benchmark.benchmark_train): tokens/s and MFU.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from andromeda.commands.generate import resolve_dtype
-from andromeda.devices import resolve_device
+from andromeda.devices import resolve_device, resolve_dtype
 from andromeda.errors import UserError
 from andromeda.infer.engine import prepare_model, synchronize
 
@@ -190,11 +189,8 @@ def bench_decode(args, device, dtype) -> list[dict]:
 
 
 def bench_train(args) -> int:
-    try:
-        from andromeda.train.trainer import benchmark_train
-    except ImportError:
-        raise UserError("bench train needs andromeda.train.trainer.benchmark_train, which this "
-                        "installation does not have") from None
+    from andromeda.train.benchmark import benchmark_train
+
     if min(args.seq, args.batch, args.steps) < 1 or args.warmup < 0:
         raise UserError("--seq, --batch and --steps must be >= 1 and --warmup >= 0")
     result = benchmark_train(args.preset, seq_len=args.seq, batch_size=args.batch, steps=args.steps,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from andromeda.commands.generate import add_sampling_arguments, build_engine, sampling_params
+from andromeda.commands.engine_options import add_sampling_arguments, build_engine, sampling_params
 from andromeda.errors import UserError
 
 SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,

@@ -91,9 +91,13 @@ class Block(nn.Module):
         return LayerState(**parts)
 
     def flops_per_token(self, seq_len: int) -> float:
+        if self.route is None:
+            return self._body_flops(seq_len)
+        return self.route.flops_per_token(seq_len, self._body_flops)
+
+    def _body_flops(self, seq_len: int) -> float:
         norms = sum(p.numel() for n in (self.mixer_norm, self.ffn_norm) if n is not None for p in n.parameters())
-        own = self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * norms
-        return own if self.route is None else self.route.flops_per_token(own)
+        return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * norms
 
     def active_parameters(self) -> int:
         inside = self.mixer.active_parameters() + self.ffn.active_parameters()

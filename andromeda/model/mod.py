@@ -73,10 +73,16 @@ class MixtureOfDepths(nn.Module):
             if isinstance(m, nn.Linear):
                 rule.linear(m, "gate")
 
-    def flops_per_token(self, block_flops: float) -> float:
-        """Router and predictor on every token; the block on the routed share of them."""
+    def routed_length(self, seq_len: int) -> int:
+        """Tokens of a training sequence of `seq_len` that go through the block."""
+        return min(seq_len, max(1, math.ceil(self.mcfg.capacity * seq_len)))
+
+    def flops_per_token(self, seq_len: int, body_flops: Callable[[int], float]) -> float:
+        """Router and predictor on every token; the block on the routed share of them, as a
+        sequence of the routed length (its attention spans C tokens, not L)."""
         own = 2.0 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
-        return own + self.mcfg.capacity * block_flops
+        C = self.routed_length(seq_len)
+        return own + C / seq_len * body_flops(C)
 
     def new_state(self, batch: int, device) -> RouteState:
         return RouteState(batch, device)
@@ -104,7 +110,7 @@ class MixtureOfDepths(nn.Module):
 
     def _train_forward(self, x, ctx, body, logits, weight):
         B, L, D = x.shape
-        C = min(L, max(1, math.ceil(self.mcfg.capacity * L)))
+        C = self.routed_length(L)
         idx = logits.topk(C, dim=-1).indices.sort(dim=-1).values  # (B, C) in time order
         chosen = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, idx, True)
         pred = self.predictor(x.detach()).squeeze(-1).float()

@@ -1,7 +1,7 @@
 """Training configuration: `TrainConfig`, plain data next to the model's `ModelConfig`.
 
 Offers `TrainConfig` (every knob of a run, with attribute docstrings), `split_overrides`
-(route `--set` keys: `train.*` here, everything else to the model) and `resolve_dtype`.
+(route `--set` keys: `train.*` here, everything else to the model) and `training_dtype`.
 The same `apply_overrides` as the model config turns command-line strings into typed values.
 """
 
@@ -139,7 +139,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return devices.resolve_device(cfg.device, "train.device")
 
 
-def resolve_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+def training_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for plain fp32. bf16 needs no loss scaling (unlike fp16)."""
     if cfg.dtype == "fp32" or (cfg.dtype == "auto" and device.type != "cuda"):
         return None

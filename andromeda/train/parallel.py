@@ -1,12 +1,15 @@
-"""Things applied to a built model from outside: compile, activation checkpointing, DDP, FSDP.
+"""Things applied to a built model from outside: compile, DDP, FSDP.
 
 Offers `DistInfo` / `init_distributed()` (torchrun environment -> process group),
-`apply_activation_checkpointing(model, on)`, `compile_model(model)`, `wrap_ddp(model, dist)`,
-`apply_fsdp(model, device, dtype, offload)` (FSDP2: one unit per block, then the root; a model
-built on the meta device is materialised shard by shard), `parallelize(model, cfg, ...)` (the
-one entry the trainer calls), `no_sync(model, last_micro_step)`, `all_gather(obj, dist)`,
+`compile_model(model)`, `wrap_ddp(model, dist)`, `apply_fsdp(model, device, dtype, offload)`
+(FSDP2: one unit per block, then the root; a model built on the meta device is materialised
+shard by shard), `parallelize(model, cfg, ...)` (the one entry the trainer calls),
+`no_sync(model, last_micro_step)`, `all_gather(obj, dist)`, `plain(tensor)`,
 `local_state_bytes(model, optimizer)` and `largest_micro_batch(...)` (try-and-halve search for
 `--batch-size auto`). Model files never import torch.distributed; this module does it for them.
+Activation checkpointing is a model option (`block.checkpoint_activations`): the Transformer
+runs each block under torch.utils.checkpoint, so the auxiliary losses a block returns are
+outputs of the checkpointed call; under FSDP the recomputation gathers the block again.
 """
 
 from __future__ import annotations
@@ -62,14 +65,6 @@ def shutdown_distributed(info: DistInfo) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def apply_activation_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
-    """Recompute each block in backward (Chen et al. 2016): activation memory per layer drops
-    to the block input, for about one extra forward. The Transformer wraps its layers in
-    torch.utils.checkpoint when `checkpointing` is set (from block.checkpoint_activations)."""
-    model.checkpointing = on
-    return model
 
 
 def compile_model(model: nn.Module) -> nn.Module:

@@ -4,9 +4,9 @@ Offers `resolve_run(args) -> RunPlan` (model and training config, data, seed, re
 all checked before anything is written) and `train_run(plan) -> Path` (builds the model,
 tokenizer, loaders and trainer; returns the final checkpoint folder).
 
-Resolution order, later wins: TrainConfig defaults; the run's saved run_config.json (with
---resume); --preset / --config / the --init checkpoint's model; --set; --max-steps,
---batch-size.
+Resolution order, later wins: TrainConfig defaults; the preset's training settings
+(`preset_training`, e.g. its learning rate); the run's saved run_config.json (with --resume);
+--preset / --config / the --init checkpoint's model; --set; --max-steps, --batch-size.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from andromeda.errors import ConfigError, UserError
 from andromeda.jsonfile import read_json
 from andromeda.model.config import ModelConfig, apply_overrides
 from andromeda.model.transformer import Transformer, build_model
-from andromeda.presets import preset_dict
+from andromeda.presets import preset_dict, preset_training
 from andromeda.train import checkpoint as ckpt
-from andromeda.train.config import TrainConfig, resolve_device, resolve_dtype, split_overrides
+from andromeda.train.config import TrainConfig, resolve_device, split_overrides, training_dtype
 from andromeda.train.parallel import DistInfo, init_distributed, shutdown_distributed
 
 DEFAULT_SEED = 1337
@@ -75,6 +75,7 @@ def resolve_run(args) -> RunPlan:
     init = checkpoint_folder(init) if init is not None else None
     if args.preset:
         model_dict = preset_dict(args.preset)
+        train_dict = {**preset_training(args.preset), **train_dict}
     elif args.config:
         data = read_json(Path(args.config), "config file")
         if "model" in data:
@@ -240,7 +241,8 @@ def _check_vocab(plan: RunPlan, tokenizer) -> None:
 
 
 def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = None) -> Path:
-    from andromeda.train.trainer import Trainer, auto_micro_batch
+    from andromeda.train.autobatch import auto_micro_batch
+    from andromeda.train.trainer import Trainer
 
     try:
         if plan.resume_from is not None:  # before anything is written
@@ -256,7 +258,7 @@ def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = 
         model = _build_model(plan)
         if plan.train_cfg.auto_batch:
             plan.train_cfg = auto_micro_batch(model, plan.train_cfg, plan.device,
-                                              resolve_dtype(plan.train_cfg, plan.device))
+                                              training_dtype(plan.train_cfg, plan.device))
         train_loader, make_val = _loaders(plan, tokenizer)
         meta = {"run": str(plan.run_dir), "train": plan.train_cfg.to_dict(), "seed": plan.seed,
                 "data": str(plan.data_dir) if plan.data_dir else None, "sft": str(plan.sft) if plan.sft else None}

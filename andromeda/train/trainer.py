@@ -1,8 +1,8 @@
 """The training loop.
 
 Offers `Trainer` (one run: optimizer, schedule, accumulation, autocast, clipping,
-validation, metrics, checkpoints, exact resume), `cross_entropy_sum`, `evaluate` and
-`benchmark_train(preset, seq_len, batch_size, steps, compile, dtype)`.
+validation, metrics, checkpoints, exact resume), `cross_entropy_sum` and `validation_loss`.
+`--batch-size auto` is in autobatch.py, the throughput benchmark in benchmark.py.
 
 One optimizer step: the learning rate is set from the step alone (schedule.py); the
 micro-batches of the step are drawn first, so the loss can be averaged over every target
@@ -31,7 +31,7 @@ from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 from andromeda.train import checkpoint as ckpt
 from andromeda.train import distributed_checkpoint as dcp_ckpt
-from andromeda.train.config import TrainConfig, resolve_dtype
+from andromeda.train.config import TrainConfig, training_dtype
 from andromeda.train.flops import device_peak_flops, flops_per_token, mfu
 from andromeda.train.metrics import MetricsLog, routing_metrics
 from andromeda.train.optim import build_optimizer
@@ -56,7 +56,7 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, batches: int, device: torch.device,
+def validation_loss(model: torch.nn.Module, loader, batches: int, device: torch.device,
              dtype: Optional[torch.dtype]) -> float:
     """Mean loss per target token over `batches` batches of `loader`."""
     was_training = model.training
@@ -85,7 +85,7 @@ class Trainer:
                  meta: Optional[dict] = None, dist: Optional[DistInfo] = None, progress: bool = True):
         self.run_dir, self.raw, self.tokenizer, self.cfg = Path(run_dir), model, tokenizer, cfg
         self.train_loader, self.make_val_loader = train_loader, make_val_loader
-        self.device, self.dtype = device, resolve_dtype(cfg, device)
+        self.device, self.dtype = device, training_dtype(cfg, device)
         self.meta, self.dist, self.progress = dict(meta or {}), dist or DistInfo(), progress
         self.seq_len = cfg.seq_len or model.cfg.max_seq_len
         if device.type == "cuda" and cfg.tf32:
@@ -201,7 +201,7 @@ class Trainer:
         loader = self.make_val_loader() if self.make_val_loader else None
         if loader is None:
             return None
-        val = evaluate(self.raw, loader, self.cfg.eval_batches, self.device, self.dtype)
+        val = validation_loss(self.raw, loader, self.cfg.eval_batches, self.device, self.dtype)
         # Every rank must reach the same save decision, so all use the mean over ranks.
         return sum(all_gather(val, self.dist)) / self.dist.world
 
@@ -289,97 +289,3 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> str:
         elif va != vb:
             out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
     return ", ".join(out[:4])
-
-
-def auto_micro_batch(model: Transformer, cfg: TrainConfig, device: torch.device,
-                     dtype: Optional[torch.dtype]) -> TrainConfig:
-    """`--batch-size auto`: the largest micro-batch whose forward and backward fit on the GPU,
-    with grad_accum raised so that batch_size x grad_accum stays the requested global batch.
-    On CPU there is no memory limit to probe: the given batch is kept, with a message."""
-    import dataclasses
-
-    from andromeda.train.parallel import cuda_fits, largest_micro_batch
-
-    if device.type != "cuda":
-        print(f"--batch-size auto needs a CUDA device; on {device.type} keeping train.batch_size="
-              f"{cfg.batch_size} (x grad_accum {cfg.grad_accum})", file=sys.stderr)
-        return cfg
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-    model.to(device).train()
-
-    def trial(batch: int) -> None:
-        x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len), device=device)
-        try:
-            with autocast(device, dtype):
-                loss = cross_entropy_sum(model(x), x) / x.numel()
-            loss.backward()
-        finally:
-            model.zero_grad(set_to_none=True)
-
-    global_batch = cfg.global_batch
-    micro = largest_micro_batch(cuda_fits(trial), global_batch)
-    print(f"--batch-size auto: micro-batch {micro} x grad_accum {global_batch // micro} "
-          f"(global batch {global_batch})", file=sys.stderr)
-    return dataclasses.replace(cfg, batch_size=micro, grad_accum=global_batch // micro, auto_batch=False)
-
-
-class RandomTokens:
-    """Uniform random tokens with the loader interface, for throughput benchmarks."""
-
-    def __init__(self, vocab: int, batch: int, seq_len: int, device: torch.device, seed: int = 0):
-        self.vocab, self.batch, self.seq_len, self.device = vocab, batch, seq_len, device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-
-    def next_batch(self):
-        tokens = torch.randint(0, self.vocab, (self.batch, self.seq_len + 1), generator=self.generator)
-        tokens = tokens.to(self.device, non_blocking=True)
-        return tokens[:, :-1], tokens[:, 1:], None
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-def benchmark_train(preset, seq_len: int, batch_size: int, steps: int, compile: bool = False,
-                    dtype: str = "auto", device: Optional[str] = None, warmup: int = 3) -> dict:
-    """Training throughput of a preset (a name or a ModelConfig) on random tokens: tokens/s,
-    MFU (None when the device peak is unknown), peak GPU memory in bytes (None on CPU) and the
-    bytes held by the weights and the optimizer state. Warmup steps (compilation, allocator
-    growth) are not timed. Nothing is written to disk."""
-    import dataclasses
-    import tempfile
-
-    from andromeda.presets import get_preset
-    from andromeda.train.config import resolve_device
-    from andromeda.train.lowmem import optimizer_state_bytes
-
-    model_cfg = get_preset(preset) if isinstance(preset, str) else preset
-    if seq_len > model_cfg.max_seq_len:
-        model_cfg = dataclasses.replace(model_cfg, max_seq_len=seq_len)
-    cfg = TrainConfig(max_steps=warmup + steps, batch_size=batch_size, seq_len=seq_len, compile=compile,
-                      dtype=dtype, device=device or "auto", tensorboard=False, warmup_frac=0.0)
-    dev = resolve_device(cfg)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Transformer(model_cfg)
-    data = RandomTokens(model_cfg.vocab_size, batch_size, seq_len, dev)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Path(tmp), model, None, cfg, data, None, dev, progress=False)
-        for _ in range(warmup):
-            trainer.train_step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()  # each step ends in a host sync (the finiteness check)
-        seconds = time.perf_counter() - start
-    tokens_per_s = steps * batch_size * seq_len / seconds
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
-    held = weight_bytes + optimizer_state_bytes(trainer.optimizer)
-    return {"tokens_per_s": tokens_per_s, "weights_and_optimizer_bytes": held,
-            "mfu": mfu(tokens_per_s, trainer.flops_per_token, trainer.peak_flops),
-            "peak_mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            "flops_per_token": trainer.flops_per_token, "device": str(dev)}
