@@ -43,7 +43,8 @@ def worker(args) -> None:
     from andromeda.presets import get_preset
     from andromeda.train.config import TrainConfig
     from andromeda.train.parallel import init_distributed, local_state_bytes, shutdown_distributed
-    from andromeda.train.trainer import RandomTokens, Trainer
+    from andromeda.train.benchmark import RandomTokens
+    from andromeda.train.trainer import Trainer
 
     cfg = TrainConfig(max_steps=args.steps + 1, batch_size=args.batch, seq_len=args.seq, parallel=args.parallel,
                       offload=args.offload, device=args.device, tensorboard=False, warmup_frac=0.0,
