@@ -243,3 +243,28 @@ def test_compile_and_activation_checkpointing_compose_with_fsdp_and_offload(tmp_
     assert train(data, tmp_path / "compiled", 4, *FSDP, "--set", "train.offload=cpu", "--set", "train.compile=true",
                  "--set", "block.checkpoint_activations=true") == 0
     assert curve(tmp_path / "compiled") == pytest.approx(curve(tmp_path / "plain"), rel=1e-5)
+
+
+def test_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, data, capsys, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    import andromeda.train.distributed_checkpoint as dcp_ckpt
+    saves = []
+
+    class FullOnSecondSave(FileSystemWriter):
+        def write_data(self, plan, planner):
+            saves.append(1)
+            if len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write_data(plan, planner)
+    monkeypatch.setattr(dcp_ckpt, "FileSystemWriter", FullOnSecondSave)
+    run = tmp_path / "run"
+    assert train(data, run, 6, *FSDP, "--set", "train.save_every=2", "--set", "train.eval_every=0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "step_0000002" in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    monkeypatch.setattr(dcp_ckpt, "FileSystemWriter", FileSystemWriter)
+    assert train(data, run, 6, "--resume") == 0
+    assert [s for s, _ in losses(run)] == list(range(1, 7))

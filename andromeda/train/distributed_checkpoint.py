@@ -133,20 +133,27 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, tokenizer, meta: di
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
     model_state, optim_state = get_state_dict(model, optimizer)
-    try:
+    failure: Optional[str] = None
+    try:  # DCP gathers every rank's write errors and raises them on all ranks alike
         dcp.save({"model": model_state, "optim": optim_state},
                  storage_writer=FileSystemWriter(tmp / SHARDED, sync_files=True))
-        if info.main:
+    except (Exception, CheckpointException) as e:
+        failure = _reason(e)
+    if info.main and failure is None:
+        try:
             write_config_files(tmp, model.cfg, tokenizer, dict(meta, sharded=True))
             torch.save(state, tmp / ckpt.STATE)
             publish_folder(tmp, dest)
-    except (Exception, CheckpointException) as e:
+        except Exception as e:
+            failure = _reason(e)
+    box = [failure]
+    dist.broadcast_object_list(box, src=0)  # rank 0's own failure reaches every rank: none waits
+    if box[0] is not None or failure is not None:
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = ckpt.newest_checkpoint(run_dir)
         kept = f"; the last good checkpoint is {previous}" if previous else ""
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:300]
-        raise UserError(f"step {step}: could not write checkpoint {dest}: {reason}{kept}") from None
+        raise UserError(f"step {step}: could not write checkpoint {dest}: {box[0] or failure}{kept}")
     if info.main:
         ckpt.point(run_dir, "latest", dest)
         if is_best:
@@ -154,6 +161,15 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, tokenizer, meta: di
         ckpt.prune(run_dir, keep_last)
     dist.barrier()  # no rank reads or prunes past a checkpoint before it exists
     return dest
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    for line in str(e).splitlines()[::-1]:  # DCP puts the root cause last, after tracebacks
+        if line.strip():
+            return line.strip()[:300]
+    return type(e).__name__
 
 
 # ----- loading ---------------------------------------------------------------------------------
