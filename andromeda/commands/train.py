@@ -9,7 +9,12 @@
 andromeda.train.config.TrainConfig). Without --data, the embedded default corpus is
 prepared into RUN_DIR/data. The resolved config is printed and saved as
 RUN_DIR/run_config.json; the last line printed is the path of the final checkpoint.
-Under torchrun, every process trains its share (DDP) and rank 0 writes the run folder.
+Under torchrun, every process trains its share (DDP) and rank 0 writes the run folder;
+train.batch_size is per process. `--set train.parallel=fsdp` shards the model, optimizer and
+checkpoints over the processes (FSDP2; without torchrun, a world of one), and
+`--set train.offload=cpu` keeps the shards in host memory (docs/training.md):
+
+  torchrun --nproc_per_node 8 -m andromeda train --preset andromeda-7b --set train.parallel=fsdp --out runs/7b
 """
 
 from __future__ import annotations
