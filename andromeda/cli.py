@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert between Hugging Face folders and andromeda checkpoints; import x-transformers"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
+    "consolidate": ("andromeda.commands.consolidate", "write a sharded (FSDP) checkpoint as an ordinary one"),
 }
 
 

@@ -10,7 +10,11 @@ andromeda.train.config.TrainConfig). Without --data, the embedded default corpus
 prepared into RUN_DIR/data. A one-line summary is printed and the resolved config saved as
 RUN_DIR/run_config.json once every check has passed; the last line printed is the path of
 the final checkpoint. Under torchrun, every process trains its share (DDP) and rank 0 writes
-the run folder.
+the run folder; train.batch_size is per process. `--set train.parallel=fsdp` shards the
+model, optimizer and checkpoints over the processes (FSDP2; without torchrun, a world of one),
+and `--set train.offload=cpu` keeps the shards in host memory (docs/training.md):
+
+  torchrun --nproc_per_node 8 -m andromeda train --preset andromeda-7b --set train.parallel=fsdp --out runs/7b
 
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits with
 130 or 143; a second Ctrl-C stops at once. `--resume` continues from the newest intact

@@ -4,7 +4,8 @@ Offers `resume_point(run_dir) -> Path | None`: the newest step folder whose file
 folder whose weights or training state are damaged (a truncated copy, a disk that filled
 up behind the program's back) is skipped with a message that names the damaged file; when
 no intact folder is left, a one-line UserError names what was found. Checking reads the
-safetensors header (which covers the file's length) and the training state's zip index and
+safetensors header (which covers the file's length), or for a sharded (FSDP) folder the DCP
+metadata and the length of every shard file it names, and the training state's zip index and
 checksums, so the damaged file never reaches the loader's traceback.
 """
 
@@ -15,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from andromeda.checkpoint import WEIGHTS
+from andromeda.checkpoint import WEIGHTS, is_sharded
 from andromeda.errors import UserError
 from andromeda.train import checkpoint as ckpt
 
@@ -24,12 +25,18 @@ def damage(folder: Path) -> Optional[str]:
     """Why the step checkpoint `folder` cannot be resumed from, or None when it is intact."""
     from safetensors import safe_open
 
-    weights = Path(folder) / WEIGHTS
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        return f"{weights}: {e}"
+    if is_sharded(folder):  # an FSDP run's step folder: DCP shards instead of one weights file
+        from andromeda.train.distributed_checkpoint import sharded_damage
+        why = sharded_damage(folder)
+        if why is not None:
+            return why
+    else:
+        weights = Path(folder) / WEIGHTS
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            return f"{weights}: {e}"
     state = Path(folder) / ckpt.STATE
     try:
         with zipfile.ZipFile(state) as z:  # torch.save writes a zip archive

@@ -130,7 +130,7 @@ def resolve_run(args) -> RunPlan:
 
     seed = args.seed if args.seed is not None else base.get("seed", DEFAULT_SEED)
     device = resolve_device(train_cfg)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, train_cfg.parallel)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     return RunPlan(run_dir, model_cfg, train_cfg, data_dir, sft, init, seed, resume_from, dist, device,
@@ -178,7 +178,18 @@ def _build_model(plan: RunPlan) -> Transformer:
         model = build_model(plan.model_cfg, device="meta")
         load_weights(model, load_file(str(weights)), str(weights))
         return model
-    return Transformer(plan.model_cfg)
+    # Built on the meta device and initialised once (not twice, as constructing on the CPU
+    # does), so the init draws only init_weights' random numbers, which a sharded model draws
+    # the same way (parallel.apply_fsdp materialises an FSDP model shard by shard): one seed,
+    # one model, whatever the parallelism.
+    model = build_model(plan.model_cfg, device="meta")
+    if plan.train_cfg.parallel == "fsdp":
+        return model
+    model.to_empty(device="cpu")
+    if plan.model_cfg.tie_embeddings:
+        model.head.weight = model.embed.weight  # to_empty unties
+    model.init_weights()
+    return model
 
 
 def _tokenizer(plan: RunPlan):
@@ -243,6 +254,9 @@ def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = 
     from andromeda.train.trainer import Trainer
 
     try:
+        if plan.resume_from is not None:  # before anything is written
+            from andromeda.train.distributed_checkpoint import check_resume
+            check_resume(plan.resume_from, plan.model_cfg, plan.train_cfg, plan.dist.world)
         _prepare_default(plan)
         tokenizer = _tokenizer(plan)
         _check_vocab(plan, tokenizer)
