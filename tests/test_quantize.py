@@ -32,13 +32,15 @@ def tiny_cfg(**kw):
 def trained(tmp_path_factory):
     """A tiny model trained for a few seconds on TEXT, so that its greedy choices and its loss
     mean something; saved as a float checkpoint."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the suite's one-thread fixture
     torch.manual_seed(0)
     model = Transformer(tiny_cfg())
     data = torch.tensor(list(TEXT.encode()))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        starts = torch.randint(0, len(data) - 65, (8,))
-        batch = torch.stack([data[s:s + 65] for s in starts])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(200):
+        starts = torch.randint(0, len(data) - 49, (8,))
+        batch = torch.stack([data[s:s + 49] for s in starts])
         loss = nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -46,6 +48,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quant") / "float"
     save_checkpoint(folder, model.eval(), ByteTokenizer())
     (folder.parent / "held_out.txt").write_text(TEXT[:1500])
+    torch.set_num_threads(threads)
     return folder
 
 
