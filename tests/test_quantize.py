@@ -16,8 +16,14 @@ from andromeda.infer.sampling import SamplingParams
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 from andromeda.quant.quantize import quantize_model
-from andromeda.quant.weight_only import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4,
-                                         quantize_int8)
+from andromeda.quant.weight_only import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
         "All that glitters is not gold. Fortune favours the bold. ") * 40
