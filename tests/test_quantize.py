@@ -3,6 +3,10 @@ negative controls), the compiled one-row products against the eager ones, the `q
 command end to end (generate and eval on its output), the round trip, and refusals."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +171,19 @@ def test_quantize_generate_and_eval_through_the_cli(trained, capsys):
     assert texts["int4"][:12] == texts["float"][:12]
     assert abs(losses["int8"] - losses["float"]) <= 0.01 * losses["float"], losses
     assert abs(losses["int4"] - losses["float"]) <= 0.05 * losses["float"], losses
+
+
+def test_chat_through_a_pipe_answers_as_the_float_model(trained, tmp_path, capsys):
+    assert run_cli(capsys, "quantize", "--ckpt", trained, "--out", tmp_path / "q8", "--bits", 8)[0] == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    answers = []
+    for ckpt in (trained, tmp_path / "q8"):
+        proc = subprocess.run([sys.executable, "-m", "andromeda", "chat", "--ckpt", str(ckpt), "--max-new-tokens", "12",
+                               "--temperature", "0"], input="The quick\n/exit\n", capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        answers.append(proc.stdout)
+    assert answers[0].strip() and answers[1] == answers[0]
 
 
 def test_round_trip_keeps_every_tensor_and_the_decoding(trained, tmp_path, capsys):
