@@ -21,7 +21,7 @@ from typing import Optional
 from andromeda.errors import UserError
 
 # The commands that compute on the CPU and take --threads.
-THREADED_COMMANDS = frozenset({"train", "eval", "generate", "chat"})
+THREADED_COMMANDS = frozenset({"train", "eval", "generate", "chat", "serve"})
 SAMPLE_S = 0.1  # long enough for a few scheduler ticks per core, short beside torch's import
 
 
