@@ -26,10 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from andromeda.data.chat_template import END_OF_TURN, render_chat
 from andromeda.errors import UserError
 from andromeda.infer.sampling import SamplingParams
-from andromeda.serve.protocol import (ApiError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs,
-                                      error_body, usage)
-from andromeda.serve.scheduler import (FinishEvent, QueueFull, SequenceSpec, TokenEvent, Unfittable,
-                                       new_request_id)
+from andromeda.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    usage,
+)
+from andromeda.serve.scheduler import QueueFull, SequenceSpec, TokenEvent, Unfittable, new_request_id
 
 POLL_S = 0.5  # how often a waiting handler checks that its client and the scheduler are still there
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -268,7 +274,8 @@ def create_app(engine, scheduler, metrics, model_name: str, api_key: Optional[st
                         yield chunk([choice(event.index, event.text, list(zip(event.token_ids, event.logprobs)))])
                     continue
                 if event.finish_reason == "cancelled":
-                    yield f"data: {json.dumps(error_body(503, 'the server is shutting down; the request was cancelled'))}\n\n"
+                    body = error_body(503, "the server is shutting down; the request was cancelled")
+                    yield f"data: {json.dumps(body)}\n\n"
                     return
                 done += 1
                 completion_tokens += event.completion_tokens
