@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from andromeda.devices import resolve_device, resolve_dtype
@@ -103,9 +104,23 @@ def run(args) -> int:
 
     app = create_app(engine, scheduler, metrics, name, api_key=args.api_key, on_ready=ready,
                      shutdown_timeout=args.shutdown_timeout)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(args.shutdown_timeout, 0.1),
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # uvicorn stops accepting connections and waits for open ones; requests still
+            # running after --shutdown-timeout are cancelled (their clients get an error
+            # event or a 503) so that every connection closes before uvicorn's own deadline.
+            if not self.should_exit:
+                timer = threading.Timer(args.shutdown_timeout, scheduler.stop, (5.0,))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its shutdown (the process would die of it);
+            # a shutdown asked for and completed is a clean exit, status 0.
+            self._captured_signals.clear()
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout + 5,
                             access_log=False)
-    server = uvicorn.Server(config)
+    server = Server(config)
     try:
         server.run(sockets=[sock])
     finally:

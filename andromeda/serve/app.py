@@ -153,7 +153,8 @@ def create_app(engine, scheduler, metrics, model_name: str, api_key: Optional[st
                     params = SamplingParams(max_new_tokens=max(1, budget), temperature=req.temperature,
                                             top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                                             repetition_penalty=req.repetition_penalty, stop=stops,
-                                            seed=None if req.seed is None else req.seed + j)
+                                            seed=None if req.seed is None else req.seed + j,
+                                            stop_at_eos=not req.ignore_eos)
                 except UserError as e:
                     raise ApiError(400, str(e)) from None
                 specs.append(SequenceSpec(rid, p_index * req.n + j, ids, params, req.presence_penalty,

@@ -2,8 +2,8 @@
 
 - `CompletionRequest`, `ChatRequest`: pydantic models of the request bodies (unknown fields
   are refused only where accepting them would silently change the answer: `echo`, `suffix`,
-  `logit_bias`, `best_of`, `tools`, `response_format`); `top_k`, `min_p` and
-  `repetition_penalty` are extra fields, as vLLM accepts them.
+  `logit_bias`, `best_of`, `tools`, `response_format`); `top_k`, `min_p`,
+  `repetition_penalty` and `ignore_eos` are extra fields, as vLLM accepts them.
 - `ApiError(status, message, param, code)`: an error to return as OpenAI's error body.
 - `error_body`, `completion_logprobs`, `chat_logprobs`, `usage`: pieces of the responses.
 """
@@ -55,6 +55,7 @@ class _Sampling(BaseModel):
     top_k: Optional[StrictInt] = Field(None, ge=0)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: StrictBool = False  # generate up to max_tokens even past end-of-sequence (benchmarks)
 
     REFUSED: ClassVar[tuple] = ("logit_bias", "tools", "tool_choice", "functions", "response_format", "suffix")
 
