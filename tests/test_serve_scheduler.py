@@ -56,9 +56,10 @@ OTHERS = [("another prompt, longer than the first", SamplingParams(max_new_token
           ("fourth one here", SamplingParams(max_new_tokens=9, temperature=0))]
 
 
-def alone_and_loaded(batch_invariant: bool, preset="llama-tiny", prefill_chunk=512):
+def alone_and_loaded(batch_invariant: bool, preset="llama-tiny", prefill_chunk=512, decode_group=None):
     engine = tiny_engine(preset)
-    scheduler = Scheduler(engine, max_batch=6, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
+    scheduler = Scheduler(engine, max_batch=6, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant,
+                          decode_group=decode_group)
     scheduler.start()
     try:
         mine = [("the quick brown fox", GREEDY), ("jumps over", SEEDED)]
@@ -69,8 +70,9 @@ def alone_and_loaded(batch_invariant: bool, preset="llama-tiny", prefill_chunk=5
         scheduler.stop(5)
 
 
-def test_a_request_is_bitwise_the_same_alone_or_among_others():
-    engine, mine, alone, loaded = alone_and_loaded(batch_invariant=True)
+@pytest.mark.parametrize("decode_group", [None, 2])
+def test_a_request_is_bitwise_the_same_alone_or_among_others(decode_group):
+    engine, mine, alone, loaded = alone_and_loaded(batch_invariant=True, decode_group=decode_group)
     assert alone == loaded  # token ids and float logprobs, exactly
     # ... and the same tokens as the engine behind `andromeda generate`.
     for (prompt, params), (ids, _, _) in zip(mine, alone):

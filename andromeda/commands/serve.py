@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-batch-invariance", action="store_true",
                    help="decode only the busy rows of the pool: faster at low load, but a request's numbers "
                         "then depend on how many others run")
+    p.add_argument("--decode-group", type=int, default=None,
+                   help="batch-invariant decoding runs the pool in products of exactly this many rows (a divisor "
+                        "of --max-batch; default: all of them); smaller costs less at low load")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may take to finish after Ctrl-C / SIGTERM")
 
@@ -55,6 +58,8 @@ def _check(args) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key:
         raise UserError("--api-key must not be empty")
+    if args.decode_group is not None and (args.decode_group < 1 or args.max_batch % args.decode_group):
+        raise UserError(f"--decode-group must divide --max-batch ({args.max_batch}), got {args.decode_group}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
 
@@ -83,7 +88,7 @@ def run(args) -> int:
     metrics = ServeMetrics()
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariance,
-                          metrics=metrics)
+                          decode_group=args.decode_group, metrics=metrics)
     name = args.model_name or Path(args.ckpt).resolve().name
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

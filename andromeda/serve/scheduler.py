@@ -18,10 +18,12 @@ How it runs (each loop iteration is bounded):
 Batch invariance: CPU and GPU matrix products round differently for different numbers of
 rows (an MKL product of 1 row and of 8 rows differ at ~1e-5), so a sequence's logits would
 depend on how many others are running. With `batch_invariant=True` (the default) every
-decode step runs the whole pool, `max_batch` rows, whatever the load (idle rows compute on
-a dummy token), and prompts are prefilled alone: the arithmetic of a row is then the same
-alone or among any others, bit for bit. The cost is computing idle rows at low load
-(benchmarks/serve_load.py measures it). `batch_invariant=False` runs only rows 0..highest
+decode step runs the pool in calls of exactly `decode_group` rows (default: the whole pool,
+`max_batch` rows), whatever the load (idle rows compute on a dummy token), and prompts are
+prefilled alone: the arithmetic of a row is then the same alone or among any others, bit
+for bit. The cost is computing idle rows at low load; a smaller `decode_group` lowers it
+(only the groups up to the highest busy slot run) at the price of more, smaller products
+at high load (benchmarks/serve_load.py measures both). `batch_invariant=False` runs only rows 0..highest
 busy slot, as most servers do. Models whose layers mix rows (MoE with a capacity limit)
 are not batch invariant either way.
 
@@ -116,7 +118,8 @@ class _Running:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 batch_invariant: bool = True, metrics=None, idle_wait_s: float = 0.05):
+                 batch_invariant: bool = True, decode_group: Optional[int] = None, metrics=None,
+                 idle_wait_s: float = 0.05):
         self.engine, self.model = engine, engine.model
         self.device = engine.device
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -126,8 +129,14 @@ class Scheduler:
         self.idle_wait_s = idle_wait_s
         self.max_len = engine.max_seq_len
         self.vocab = self.model.cfg.vocab_size
+        self.group = decode_group or max_batch
+        if self.group < 1 or max_batch % self.group:
+            raise ValueError(f"the decode group ({self.group}) must divide the pool ({max_batch})")
         self.cache = self.model.new_cache(max_batch, self.max_len, device=self.device)
-        self.step = DecodeStep(self.model, self.cache, compile=engine.compile)
+        # One decode step per group of rows, each over a fixed view of the pool's cache, so a
+        # compiled step keeps one graph per group.
+        self.group_steps = [DecodeStep(self.model, batch_rows(self.cache, lo, lo + self.group), compile=engine.compile)
+                            for lo in range(0, max_batch, self.group)]
         self._recurrent = recurrent_buffers(self.cache)
         self.slots: list[Optional[_Running]] = [None] * max_batch
         self.waiting: collections.deque[_Running] = collections.deque()
@@ -269,7 +278,9 @@ class Scheduler:
 
     def _decode(self) -> None:
         busy = [s for s in self.slots if s is not None]
-        rows = self.max_batch if self.batch_invariant else 1 + max(s.slot for s in busy)
+        rows = 1 + max(s.slot for s in busy)
+        if self.batch_invariant:  # whole groups only
+            rows = -(-rows // self.group) * self.group
         tokens = [0] * rows
         positions = [0] * rows
         for seq in busy:
@@ -286,8 +297,10 @@ class Scheduler:
                  for seq in busy if not seq.decoding and seq.slot < rows and self._recurrent]
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if rows == self.max_batch:
-            logits = self.step(tok, pos)
+        if self.batch_invariant:
+            G = self.group
+            logits = torch.cat([self.group_steps[g](tok[g * G:(g + 1) * G], pos[g * G:(g + 1) * G])
+                                for g in range(rows // G)])
         else:
             logits = self.model(tok, cache=batch_rows(self.cache, 0, rows), start_pos=pos, last_only=True)[:, -1]
         for slot, bufs in saved:
