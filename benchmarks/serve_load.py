@@ -76,7 +76,10 @@ def make_requests(n: int, seed: int = 0) -> list[dict]:
         prompt = text[start:start + rng.randint(8, 160)]
         sampled = i % 2 == 1
         out.append({"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(16, 96),
-                    "temperature": 0.8 if sampled else 0.0, "seed": i, "ignore_eos": True, "stream": True})
+                    "temperature": 0.8 if sampled else 0.0, "seed": i, "ignore_eos": True, "stream": True,
+                    # A random byte-level model writes partial UTF-8 characters, whose text is
+                    # held back until complete; with logprobs every token sends a chunk at once.
+                    "logprobs": 0})
     return out
 
 
@@ -125,9 +128,9 @@ async def stream_one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             for choice in chunk["choices"]:
-                stamps.append(time.perf_counter())
                 text += choice["text"]
-                if choice.get("logprobs"):
+                if choice.get("logprobs"):  # one entry per token: the token's arrival time
+                    stamps += [time.perf_counter()] * len(choice["logprobs"]["token_logprobs"])
                     logprobs += choice["logprobs"]["token_logprobs"]
     return {"start": start, "stamps": stamps, "text": text, "logprobs": logprobs, "tokens": body["max_tokens"]}
 

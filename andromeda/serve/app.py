@@ -224,7 +224,10 @@ def create_app(engine, scheduler, metrics, model_name: str, api_key: Optional[st
                         raise ApiError(503, "the server is shutting down; the request was cancelled")
                     finish[event.index] = event.finish_reason
                     completion_tokens += event.completion_tokens
-        except (_Disconnected, ApiError, asyncio.CancelledError):
+        except _Disconnected:
+            scheduler.cancel(rid)
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        except (ApiError, asyncio.CancelledError):
             scheduler.cancel(rid)
             raise
         choices = []
