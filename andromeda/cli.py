@@ -15,7 +15,7 @@ import os
 import sys
 
 from andromeda.errors import UserError
-from andromeda.threads import THREADED_COMMANDS, add_threads_argument, apply_threads, prefer_passive_wait
+from andromeda.threads import THREADED_COMMANDS, add_threads_argument, apply_threads, choose_wait_policy
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,8 +57,9 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    prefer_passive_wait()  # before any command imports torch (see andromeda/threads.py)
     argv = sys.argv[1:] if argv is None else argv
+    if next((a for a in argv if not a.startswith("-")), None) in THREADED_COMMANDS:
+        choose_wait_policy()  # before any command imports torch (see andromeda/threads.py)
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None or module is None:

@@ -1,14 +1,21 @@
 """How many CPU threads the computing commands use.
 
-Offers `add_threads_argument(parser)` (the `--threads N` option), `prefer_passive_wait()`,
+Offers `add_threads_argument(parser)` (the `--threads N` option), `choose_wait_policy()`,
 `free_cores()` and `apply_threads(n)`. PyTorch's default is one intra-op thread per core,
-and OpenMP threads that spin while they wait for each other; when other processes already
-keep some cores busy, a spinning thread holds a core the thread it waits for needs, and small
-operations (one decoding step) become tens of times slower (benchmarks/busy_cpu.py, figures
-in benchmarks/RESULTS.md). So the CLI asks OpenMP to let waiting threads sleep, and uses as
-many threads as there are free cores: the cores this process may use, less the ones busy
-during a short sample of /proc/stat. OMP_NUM_THREADS and OMP_WAIT_POLICY, when set, are
-respected; `--threads N` overrides the count.
+and OpenMP threads that spin while they wait for each other; when other processes keep some
+cores busy, a spinning thread holds a core the thread it waits for needs, and small operations
+(one decoding step) become tens of times slower. Letting waiting threads sleep at once
+(OMP_WAIT_POLICY=PASSIVE) fixes that but costs an idle machine more than half its decoding
+speed, since every small operation then pays a wake-up (benchmarks/busy_cpu.py, figures in
+benchmarks/RESULTS.md). So, before torch loads, the CLI samples /proc/stat for a moment:
+
+- cores busy with other work: as many threads as there are free cores, passive wait;
+- all cores free: a thread per core that spins briefly before it sleeps (GOMP_SPINCOUNT,
+  libgomp's knob, at SHORT_SPIN): as fast as PyTorch's default while the machine stays idle,
+  and several times less hurt than it if other work starts later.
+
+OMP_NUM_THREADS, OMP_WAIT_POLICY and GOMP_SPINCOUNT, when set, are respected; `--threads N`
+overrides the count.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from andromeda.errors import UserError
 # The commands that compute on the CPU and take --threads.
 THREADED_COMMANDS = frozenset({"train", "eval", "generate", "chat", "serve"})
 SAMPLE_S = 0.1  # long enough for a few scheduler ticks per core, short beside torch's import
+SHORT_SPIN = "10000"  # libgomp spin iterations before sleeping; its default is 300000, passive 0
+_sampled_free: Optional[int] = None  # free cores measured by choose_wait_policy, reused once
 
 
 def add_threads_argument(p) -> None:
@@ -31,11 +40,18 @@ def add_threads_argument(p) -> None:
                         "not already busy with other processes)")
 
 
-def prefer_passive_wait() -> None:
-    """Let OpenMP's waiting threads sleep instead of spinning, unless the user chose a policy.
-    OpenMP reads the variable once, when torch loads it: after that, this does nothing."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def choose_wait_policy() -> None:
+    """Set OpenMP's wait policy from the cores free now (see the module docstring), unless the
+    user chose one. OpenMP reads the variables once, when torch loads it: after that, this does
+    nothing."""
+    global _sampled_free
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    _sampled_free = free_cores()
+    if _sampled_free < len(_allowed_cpus()):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN
 
 
 def _allowed_cpus() -> set[int]:
@@ -78,8 +94,9 @@ def free_cores() -> int:
 
 
 def apply_threads(threads: Optional[int] = None) -> int:
-    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS's choice, else
-    free_cores(). Returns the number in use."""
+    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS's choice, else the free
+    cores (as sampled by choose_wait_policy, else sampled now). Returns the number in use."""
+    global _sampled_free
     import torch
 
     if threads is not None:
@@ -87,5 +104,6 @@ def apply_threads(threads: Optional[int] = None) -> int:
             raise UserError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(free_cores())
+        free, _sampled_free = (_sampled_free or free_cores()), None
+        torch.set_num_threads(free)
     return torch.get_num_threads()

@@ -5,7 +5,9 @@ fresh child process (OpenMP reads its wait policy once, at start-up) times greed
 decoding of a 6x384 Llama-shaped model (batch 1, 32-token prompt, `--new-tokens` tokens)
 and a few training steps of llama-tiny (batch 8 x 128 tokens). Settings (SETTINGS below):
 PyTorch's default (a thread per core, OpenMP's spinning wait), one thread, a thread per core
-with OMP_WAIT_POLICY=PASSIVE, and the CLI's default (free cores, passive wait). Settings run
+with OMP_WAIT_POLICY=PASSIVE, a thread per core with a short spin (GOMP_SPINCOUNT=10000), and
+the CLI's default (andromeda.threads.choose_wait_policy: on an idle machine a thread per core
+with the short spin, on a busy one the free cores with passive wait). Settings run
 interleaved, `--rounds` times each, so that a change in the machine's other load hits all.
 
     .venv/bin/python benchmarks/busy_cpu.py [--loads 0,1,2] [--rounds 2] [--json]
@@ -25,8 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def child(threads: str, new_tokens: int, repeats: int) -> dict:
-    from andromeda.threads import apply_threads
+    from andromeda.threads import apply_threads, choose_wait_policy
 
+    if threads == "auto":
+        choose_wait_policy()  # as the CLI does, before torch loads
     chosen = apply_threads(None if threads == "auto" else int(threads))
     import torch
 
@@ -61,7 +65,8 @@ SETTINGS = {
     "torch-default": ("all", None),      # PyTorch as it comes: a spinning thread per core
     "one-thread": ("1", None),
     "all-passive": ("all", "PASSIVE"),
-    "cli-default": ("auto", "PASSIVE"),  # what andromeda's commands do unless told otherwise
+    "spin-10k": ("all", "GOMP_SPINCOUNT=10000"),  # a thread per core, a short spin before sleeping
+    "cli-default": ("auto", None),  # what andromeda's commands do unless told otherwise
 }
 
 
@@ -88,10 +93,11 @@ def main() -> None:
                 for label in args.settings.split(","):
                     threads, policy = SETTINGS[label]
                     env = dict(os.environ)
-                    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+                    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
                         env.pop(var, None)
                     if policy is not None:
-                        env["OMP_WAIT_POLICY"] = policy
+                        var, _, value = policy.rpartition("=")
+                        env[var or "OMP_WAIT_POLICY"] = value
                     threads = str(cores) if threads == "all" else threads
                     before = os.getloadavg()[0]
                     out = subprocess.run([sys.executable, __file__, "--child", threads, "--new-tokens",

@@ -1,6 +1,6 @@
 """The CPU thread count of the computing commands: `--threads` is applied, the default is the
-free cores (measured from /proc/stat) unless OMP_NUM_THREADS is set, and OpenMP's passive
-wait is requested before torch loads. Speed itself is measured in benchmarks/busy_cpu.py."""
+free cores (measured from /proc/stat) unless OMP_NUM_THREADS is set, and OpenMP's wait policy
+is chosen from them before torch loads. Speed itself is measured in benchmarks/busy_cpu.py."""
 
 import os
 import sys
@@ -69,13 +69,32 @@ def test_free_cores_counts_the_cores_other_processes_keep_busy(monkeypatch, busy
     assert threads.free_cores() == free
 
 
-def test_passive_wait_is_requested_only_before_torch_loads(monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    threads.prefer_passive_wait()  # torch is loaded in this process: too late to matter
-    assert "OMP_WAIT_POLICY" not in os.environ
+@pytest.mark.parametrize("free, expected", [(4, ("GOMP_SPINCOUNT", threads.SHORT_SPIN)),
+                                            (3, ("OMP_WAIT_POLICY", "PASSIVE")),
+                                            (1, ("OMP_WAIT_POLICY", "PASSIVE"))])
+def test_wait_policy_follows_the_free_cores_and_is_set_only_before_torch_loads(monkeypatch, free, expected):
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads, "_allowed_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "free_cores", lambda: free)
+    monkeypatch.setattr(threads, "_sampled_free", None)  # restored to None afterwards
+    threads.choose_wait_policy()  # torch is loaded in this process: too late to matter
+    assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.delitem(sys.modules, "torch")
-    threads.prefer_passive_wait()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    threads.prefer_passive_wait()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stands
+    threads.choose_wait_policy()
+    var, value = expected
+    assert os.environ[var] == value
+    assert ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} - {var}).isdisjoint(os.environ)  # one knob, not both
+    assert threads._sampled_free == free  # apply_threads uses this sample rather than taking another
+
+
+@pytest.mark.parametrize("var, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "5")])
+def test_the_users_wait_policy_stands(monkeypatch, var, value):
+    for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, value)
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    monkeypatch.setattr(threads, "_sampled_free", None)
+    threads.choose_wait_policy()
+    assert os.environ[var] == value and len({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)) == 1
