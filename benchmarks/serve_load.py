@@ -8,7 +8,9 @@ Tiny Shakespeare when ../shared/data has it, else generated text) and varied out
 
 - at each concurrency C in --clients: C clients stream requests (C x --per-client of them);
   generated tokens/s over the wall time, time to first token and inter-token latency p50/p99;
-- one at a time: the requests of the largest C <= 16 level, sequentially through the server;
+- one at a time: the requests of the largest C <= 16 level, sequentially, through a second
+  server started with --baseline-args (default `--no-batch-invariance`: the fastest way to
+  serve one request) and through the measured server itself;
 - static batches: the same requests in batches of C through `Engine.generate` in this
   process (each batch runs until its longest request is done; only requested tokens count);
 - batch-invariance check: a greedy request's logprobs alone and among the C=16 load, bitwise.
@@ -16,7 +18,7 @@ Tiny Shakespeare when ../shared/data has it, else generated text) and varied out
 Every wait has a timeout; each level stops after --max-seconds.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 1,4,16,64] [--max-batch 16] [--threads 2] [--json]
-    .venv/bin/python benchmarks/serve_load.py --server-args="--no-batch-invariance"
+    .venv/bin/python benchmarks/serve_load.py --server-args="--no-batch-invariance"   (the cost of invariance)
 """
 
 from __future__ import annotations
@@ -37,13 +39,19 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-import torch
+from andromeda.threads import choose_wait_policy
 
-from andromeda.checkpoint import save_checkpoint
-from andromeda.data.tokenizer import ByteTokenizer
-from andromeda.model.config import ModelConfig
-from andromeda.model.transformer import Transformer
+# The same OpenMP wait policy as the CLI, chosen before torch loads; the servers inherit it
+# through the environment, so both sides of every comparison wait the same way.
+choose_wait_policy()
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from andromeda.checkpoint import save_checkpoint  # noqa: E402
+from andromeda.data.tokenizer import ByteTokenizer  # noqa: E402
+from andromeda.model.config import ModelConfig  # noqa: E402
+from andromeda.model.transformer import Transformer  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 MODEL = "bench"
@@ -214,6 +222,16 @@ def invariance_check(url: str, load: list[dict], max_seconds: float) -> bool:
     return alone["logprobs"] == loaded["logprobs"] and alone["text"] == loaded["text"]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,4,16,64")
@@ -222,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=240, help="time limit of each level")
     p.add_argument("--server-args", default="", help="extra options for `andromeda serve`, e.g. --no-batch-invariance")
+    p.add_argument("--baseline-args", default="--no-batch-invariance",
+                   help="options of the server that serves the one-at-a-time baseline")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
@@ -232,13 +252,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    out = {"machine": cpu_name(), "load_average_at_start": os.getloadavg()[0], "threads": args.threads,
            "max_batch": args.max_batch, "server_args": args.server_args,
            "model": f"{args.depth}x{args.dim} llama, hidden {args.hidden}, ctx {args.ctx}, float32", "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp) / MODEL, args.dim, args.depth, args.heads, args.hidden, args.ctx)
         server = Server(ckpt, args.max_batch, args.threads, shlex.split(args.server_args))
+        baseline = None
         try:
+            if not args.skip_baselines:
+                baseline = Server(ckpt, args.max_batch, args.threads, shlex.split(args.baseline_args))
+                level(baseline.url, make_requests(2, seed=99), 1, args.max_seconds)  # warm-up
             level(server.url, make_requests(2, seed=99), 2, args.max_seconds)  # warm-up
             for c in levels:
                 reqs = make_requests(max(16, c * args.per_client), seed=c)
@@ -247,18 +271,24 @@ def main(argv=None) -> int:
             base_c = max([c for c in levels if c <= 16] or [levels[0]])
             base_reqs = make_requests(max(16, base_c * args.per_client), seed=base_c)
             if not args.skip_baselines:
-                one = level(server.url, base_reqs, 1, args.max_seconds)
-                out["one_at_a_time"] = dict(one, clients_compared=base_c)
-                print(f"one at a time: {one}", file=sys.stderr, flush=True)
+                one = level(baseline.url, base_reqs, 1, args.max_seconds)
+                out["one_at_a_time"] = dict(one, clients_compared=base_c, server_args=args.baseline_args)
+                print(f"one at a time ({args.baseline_args}): {one}", file=sys.stderr, flush=True)
+                same = level(server.url, base_reqs, 1, args.max_seconds)
+                out["one_at_a_time_same_server"] = same
+                print(f"one at a time (measured server): {same}", file=sys.stderr, flush=True)
             out["invariant_under_load"] = invariance_check(server.url, make_requests(15, seed=7), args.max_seconds)
         finally:
             server.stop()
+            if baseline is not None:
+                baseline.stop()
         if not args.skip_baselines:
             out["static_batches"] = dict(static_batches(ckpt, base_reqs, base_c, args.threads), batch=base_c)
             print(f"static batches: {out['static_batches']}", file=sys.stderr, flush=True)
     if not args.skip_baselines:
         served = out["levels"][base_c]["tokens_per_s"]
         out["ratio_vs_one_at_a_time"] = round(served / out["one_at_a_time"]["tokens_per_s"], 2)
+        out["ratio_vs_one_at_a_time_same_server"] = round(served / out["one_at_a_time_same_server"]["tokens_per_s"], 2)
         out["ratio_vs_static_batches"] = round(served / out["static_batches"]["tokens_per_s"], 2)
     if args.json:
         print(json.dumps(out))
