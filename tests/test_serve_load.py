@@ -57,3 +57,18 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["invariant_under_load"] is True
     assert out["levels"]["2"]["requests"] == 16 and out["ratio_vs_one_at_a_time"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_server_answers_as_the_eager_one(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny")
+    answers = []
+    for extra in ([], ["--compile"]):
+        with running_server(ckpt, "--max-batch", "4", *extra) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=300, max_retries=0)
+            got = client.completions.create(model="tiny", prompt="hello there", max_tokens=12, temperature=0, n=2,
+                                            logprobs=0)
+            answers.append([(c.text, c.logprobs.token_logprobs) for c in got.choices])
+    assert [t for t, _ in answers[0]] == [t for t, _ in answers[1]]
+    for (_, eager), (_, compiled) in zip(*answers):
+        assert compiled == pytest.approx(eager, abs=1e-4)
