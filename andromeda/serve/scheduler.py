@@ -87,7 +87,7 @@ class FinishEvent:
 class _Running:
     """A sequence in the scheduler: its slot, progress, sampling state and text."""
 
-    def __init__(self, spec: SequenceSpec, emit: Callable, tokenizer, eos: Optional[int], vocab: int):
+    def __init__(self, spec: SequenceSpec, emit: Callable, tokenizer, eos: Optional[int], vocab: int, device):
         self.spec, self.emit = spec, emit
         self.params = spec.params
         self.slot: Optional[int] = None
@@ -99,13 +99,13 @@ class _Running:
         # Every sequence samples from its own generator, so its draws never depend on what
         # else runs; without a seed, from a fresh random one.
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.counts = None  # generated-token counts (presence / frequency penalties)
         if spec.presence_penalty or spec.frequency_penalty:
-            self.counts = torch.zeros(vocab)
+            self.counts = torch.zeros(vocab, device=device)
         self.seen = None  # prompt and generated tokens (repetition penalty)
         if self.params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab, dtype=torch.bool)
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             self.seen[0, spec.prompt_ids] = True
         self.submitted = time.perf_counter()
         self.last_token_at: Optional[float] = None
@@ -162,7 +162,7 @@ class Scheduler:
     def submit(self, specs: list[SequenceSpec], emit: Callable) -> None:
         """Queue the sequences of one request; `emit(event)` is called from the scheduler thread."""
         tok = self.engine.tokenizer
-        running = [_Running(s, emit, tok, self.engine.eos_id, self.vocab) for s in specs]
+        running = [_Running(s, emit, tok, self.engine.eos_id, self.vocab, self.device) for s in specs]
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
