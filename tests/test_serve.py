@@ -167,6 +167,8 @@ BAD = [
     ("unknown model", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("empty prompt", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("prompt too long", {"model": MODEL, "prompt": "y" * 200}, 400, "prompt"),
+    ("chat too long", {"model": MODEL, "messages": [{"role": "user", "content": "y" * 200}]}, 400, "messages"),
+    ("token id outside the vocabulary", {"model": MODEL, "prompt": [1, 2, 99999]}, 400, "prompt"),
     ("max_tokens too many", {"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
     ("n too large", {"model": MODEL, "prompt": "x", "n": 9}, 400, "n"),
     ("bad temperature", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -241,3 +243,26 @@ def test_api_key_full_queue_and_graceful_shutdown(tmp_path):
                 text, error = future.result(HTTP_TIMEOUT_S)
                 assert error is None or "shutting down" in error
             assert len(running.result()[0]) > 0
+
+
+def test_chat_answers_as_andromeda_chat_does(ckpt, client):
+    """The same template, end-of-turn stop and system prompt as `andromeda chat`."""
+    import io
+
+    from andromeda.checkpoint import load_checkpoint
+    from andromeda.commands.chat import Chat
+    from andromeda.infer.engine import Engine
+    from andromeda.infer.sampling import SamplingParams
+
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=5)
+    chat = Chat(Engine(model, tokenizer), params, system="be brief", out=io.StringIO(), err=io.StringIO())
+    first = chat.answer("hello")
+    second = chat.answer("and then?")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    kw = dict(model=MODEL, max_tokens=6, temperature=0.7, seed=5)
+    got = client.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    assert got.strip() == first
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    got = client.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    assert got.strip() == second

@@ -132,21 +132,33 @@ def create_app(engine, scheduler, metrics, model_name: str, api_key: Optional[st
         req.refuse_unsupported()
         return req
 
+    vocab = engine.model.cfg.vocab_size
+
+    def prompt_ids(prompt, param: str) -> list[int]:
+        """Token ids of a text prompt (as `andromeda generate` encodes it) or a list of ids;
+        its length is checked against the context by the scheduler."""
+        ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param)
+        return ids
+
     def make_specs(rid: str, req, prompts: list, max_tokens: Optional[int], extra_stop: tuple,
                    logprobs: Optional[int]) -> tuple[list[SequenceSpec], int]:
         specs, prompt_tokens = [], 0
         stops = tuple(req.stop_list()) + extra_stop
         for p_index, prompt in enumerate(prompts):
-            try:
-                ids = engine.encode(prompt, room=1)
-            except UserError as e:
-                raise ApiError(400, str(e), param="prompt" if isinstance(req, CompletionRequest) else "messages")
+            prompt_param = "prompt" if isinstance(req, CompletionRequest) else "messages"
+            ids = prompt_ids(prompt, prompt_param)
             budget = max_tokens if max_tokens is not None else engine.max_seq_len - len(ids)
             try:
                 scheduler.check_fits(req.n, len(ids), budget)
             except Unfittable as e:
-                raise ApiError(400, str(e), param="n" if req.n > scheduler.max_batch else "max_tokens",
-                               code="context_length_exceeded") from None
+                param = ("n" if req.n > scheduler.max_batch else
+                         prompt_param if len(ids) >= engine.max_seq_len else "max_tokens")
+                raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
             prompt_tokens += len(ids)
             for j in range(req.n):
                 try:
