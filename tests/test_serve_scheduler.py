@@ -190,3 +190,29 @@ def test_serve_command_refuses_bad_options(tmp_path, capsys, argv, message):
     from andromeda.cli import main
     assert main(["serve", "--ckpt", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk,least,most", [(4, 9, 99), (512, 0, 1)])
+def test_long_prompt_is_prefilled_between_decode_steps(chunk, least, most):
+    """A 40-token prompt in chunks of 4 takes 10 iterations, each of which also advances the
+    running stream; in one chunk (the control) the stream waits for none."""
+    engine = tiny_engine()
+    scheduler = Scheduler(engine, max_batch=2, prefill_chunk=chunk)  # driven by hand, not started
+    order: list[str] = []
+
+    def emit(name):
+        return lambda event: order.append(name) if isinstance(event, TokenEvent) else None
+
+    long = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
+    with torch.inference_mode():
+        scheduler.submit([SequenceSpec("a", 0, list(b"go"), long)], emit("a"))
+        for _ in range(3):
+            scheduler.iterate()
+        before = order.count("a")
+        scheduler.submit([SequenceSpec("b", 0, list(range(40)), long)], emit("b"))
+        for _ in range(20):
+            scheduler.iterate()
+            if "b" in order:
+                break
+    between = order[:order.index("b")].count("a") - before
+    assert least <= between <= most
