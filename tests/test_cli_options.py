@@ -206,3 +206,40 @@ def test_each_prepare_option_reaches_prepare(corpus, tmp_path, capsys, monkeypat
     real = prepare_command.prepare
     monkeypatch.setattr(prepare_command, "prepare", lambda *a, **k: real(*a, **{**k, keyword: default}))
     assert not shows(run("dropped"), base)
+
+
+# ---------------------------------------------------------------- train
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    (root / "corpus.txt").write_text("".join(f"line {i % 13} is here.\n" for i in range(300)))
+    prepare([str(root / "corpus.txt")], root / "data", "byte", val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+def train_once(tmp_path, data, name, *flags):
+    from safetensors.torch import load_file
+    run = tmp_path / name
+    assert main(["train", "--preset", "llama-tiny", "--set", "dim=32", "--set", "train.seq_len=32", "--data",
+                 str(data), "--out", str(run), "--max-steps", "1", "--no-progress", *flags]) == 0
+    return load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
+
+
+def test_train_seed_and_batch_size_options(tmp_path, train_data, capsys, monkeypatch):
+    """--seed sets the initialisation (and data order): the same seed twice gives the same
+    weights, another seed others; a command that ignored it would give equal weights for both."""
+    a = train_once(tmp_path, train_data, "a", "--seed", "1")
+    again = train_once(tmp_path, train_data, "again", "--seed", "1")
+    b = train_once(tmp_path, train_data, "b", "--seed", "2")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not torch.equal(a["embed.weight"], b["embed.weight"])
+    # --batch-size: the training forwards see that many rows (the preset's own is another number).
+    rows = []
+    real = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, x, *a, **k: rows.append(len(x)) or real(self, x, *a, **k))
+    train_once(tmp_path, train_data, "batch3", "--batch-size", "3", "--set", "train.eval_batches=1")
+    assert rows[0] == 3
+    rows.clear()
+    train_once(tmp_path, train_data, "default", "--set", "train.eval_batches=1")
+    assert rows[0] != 3
+    capsys.readouterr()
