@@ -10,7 +10,7 @@ import torch
 
 from andromeda.checkpoint import load_checkpoint, save_checkpoint
 from andromeda.cli import main
-from andromeda.data.prepare import open_prepared, prepare
+from andromeda.data.prepare import prepare
 from andromeda.data.tokenizer import ByteTokenizer
 from andromeda.eval.perplexity import evaluate
 from andromeda.infer.engine import Engine
@@ -31,6 +31,13 @@ def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "model"
     save_checkpoint(folder, model, ByteTokenizer())
     return folder
+
+
+def rows_per_forward(monkeypatch) -> list:
+    """Record the batch size of every model forward from now on."""
+    rows, real = [], Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, x, *a, **k: rows.append(len(x)) or real(self, x, *a, **k))
+    return rows
 
 
 def cli_json(capsys, *argv):
@@ -147,9 +154,7 @@ def test_each_eval_option_reaches_evaluate(ckpt, held_out, capsys, flags, kwargs
 
 def test_eval_batch_size_sets_the_windows_per_forward(ckpt, held_out, capsys, monkeypatch):
     """--batch-size only regroups windows (same figures by design), so it is seen in the forward calls."""
-    widths = []
-    real = Transformer.forward
-    monkeypatch.setattr(Transformer, "forward", lambda self, x, *a, **k: widths.append(len(x)) or real(self, x, *a, **k))
+    widths = rows_per_forward(monkeypatch)
     argv = ["eval", "--ckpt", str(ckpt), "--data", str(held_out), "--seq-len", "16", "--json"]
     one = cli_json(capsys, *argv, "--batch-size", "1")
     assert set(widths) == {1}
@@ -234,9 +239,7 @@ def test_train_seed_and_batch_size_options(tmp_path, train_data, capsys, monkeyp
     assert all(torch.equal(a[k], again[k]) for k in a)
     assert not torch.equal(a["embed.weight"], b["embed.weight"])
     # --batch-size: the training forwards see that many rows (the preset's own is another number).
-    rows = []
-    real = Transformer.forward
-    monkeypatch.setattr(Transformer, "forward", lambda self, x, *a, **k: rows.append(len(x)) or real(self, x, *a, **k))
+    rows = rows_per_forward(monkeypatch)
     train_once(tmp_path, train_data, "batch3", "--batch-size", "3", "--set", "train.eval_batches=1")
     assert rows[0] == 3
     rows.clear()

@@ -121,7 +121,7 @@ def test_tiny_presets_without_an_architecture_test_are_causal_and_cache_exactly(
     assert_cached_matches_full(model, tokens(2, 12))
     # Negative control: a model that forgets its cache between calls fails the same check.
     real = model.forward
-    model.forward = lambda x, cache=None, **k: real(x, cache=None if cache is None else model.new_cache(len(x), 16), **k)
+    model.forward = lambda x, cache=None, **k: real(x, cache=cache and model.new_cache(len(x), 16), **k)
     with pytest.raises(AssertionError):
         assert_cached_matches_full(model, tokens(2, 12))
 
