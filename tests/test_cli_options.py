@@ -246,3 +246,29 @@ def test_train_seed_and_batch_size_options(tmp_path, train_data, capsys, monkeyp
     train_once(tmp_path, train_data, "default", "--set", "train.eval_batches=1")
     assert rows[0] != 3
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------- chat
+def test_chat_system_prompt_reaches_the_model(ckpt, capsys, monkeypatch):
+    """--system had no test through the command: the answer to the same message with and without
+    it differs, and each is what the Chat loop with that system prompt answers."""
+    import io
+    import sys
+
+    from andromeda.commands.chat import Chat
+
+    def cli_answer(*flags):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+        assert main(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", *flags]) == 0
+        return capsys.readouterr().out
+
+    def library_answer(system):
+        model, tok, _ = load_checkpoint(ckpt)
+        out = io.StringIO()
+        Chat(Engine(model, tok), SamplingParams(max_new_tokens=6, temperature=0), system=system, out=out,
+             err=io.StringIO()).loop(["hi"])
+        return out.getvalue()
+
+    with_system = cli_answer("--system", "be brief")
+    assert with_system == library_answer("be brief") and with_system.strip()
+    assert cli_answer() == library_answer(None) != with_system
