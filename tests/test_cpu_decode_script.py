@@ -15,6 +15,16 @@ def test_benchmark_models_agree_before_they_are_timed():
     assert report["greedy_tokens_agreeing"] == 8 == report["new_tokens"]
 
 
+def test_agreement_counts_a_missing_token_as_a_difference():
+    """The agreement used to be counted over zip(hf, ours), so an engine that returned fewer
+    tokens (none at all, even) reported full agreement."""
+    agreement = load_benchmark("cpu_decode").greedy_agreement
+    assert agreement([1, 2, 3], [1, 2, 3]) == 3
+    assert agreement([1, 2, 3], [1, 9, 3]) == 1
+    assert agreement([1, 2, 3], [1, 2]) == 2 and agreement([1, 2], [1, 2, 3]) == 2
+    assert agreement([1, 2, 3], []) == 0
+
+
 @pytest.mark.slow  # compiles three decode steps with Inductor (about a minute)
 def test_quant_mode_decodes_float_int8_and_int4_of_the_same_weights():
     report = load_benchmark("cpu_decode").main(["--quant", "--dim", "64", "--depth", "1", "--heads", "2",
