@@ -243,3 +243,22 @@ def test_refuses_quantised_input_and_existing_output(trained, tmp_path, capsys):
     assert code == 0, err
     assert json.loads((q / "config.json").read_text())["quantization"]["scheme"] == "int4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary or .old folder left
+
+
+def test_serve_answers_from_a_quantised_checkpoint_as_generate_does(trained, tmp_path, capsys):
+    """`serve` loads through the same checkpoint loader: an int4 checkpoint served over HTTP
+    completes a prompt with the text `andromeda generate` prints for it."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from tests.serve_helpers import running_server
+
+    q = tmp_path / "q4"
+    assert run_cli(capsys, "quantize", "--ckpt", trained, "--out", q, "--bits", 4)[0] == 0
+    code, out, err = run_cli(capsys, "generate", "--ckpt", q, "--prompt", "All that", "--max-new-tokens", 16,
+                             "--temperature", 0, "--json", "--threads", 1)
+    assert code == 0, err
+    expected = json.loads(out)["text"]
+    with running_server(q, "--max-batch", "2") as server:
+        body = {"model": "q4", "prompt": "All that", "max_tokens": 16, "temperature": 0}
+        got = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert got["choices"][0]["text"] == expected
