@@ -1,5 +1,5 @@
 """Quantise a checkpoint's weights to int8 or int4 and write a new checkpoint that generate,
-chat and eval load as they load any other.
+chat, eval and serve load as they load any other.
 
   --bits 8   one int8 scale per output channel (about 1/4 of the float32 size)
   --bits 4   two int4 codes a byte, one scale per --group-size input features (32, 64, 128)
