@@ -235,6 +235,8 @@ def test_refuses_quantised_input_and_existing_output(trained, tmp_path, capsys):
     code, _, err = run_cli(capsys, "quantize", "--ckpt", q, "--out", tmp_path / "qq", "--bits", 4)
     assert code == 2 and "already quantised" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "qq").exists()
+    code, _, err = run_cli(capsys, "convert", "--to-hf", q, "--out", tmp_path / "hf")
+    assert code == 2 and "is quantised" in err and len(err.strip().splitlines()) == 1
     before = {p.name: p.read_bytes() for p in q.iterdir()}
     code, _, err = run_cli(capsys, "quantize", "--ckpt", trained, "--out", q, "--bits", 4)
     assert code == 2 and "already exists" in err and "--overwrite" in err

@@ -86,7 +86,9 @@ def _to_hf(args) -> dict:
     from andromeda.interop.hf_weights import SafetensorsFolder
 
     source = checkpoint_folder(Path(args.to_hf))  # a run folder stands for its latest checkpoint
-    model, tokenizer, _ = load_checkpoint(source)
+    model, tokenizer, config = load_checkpoint(source)
+    if config.get("quantization"):
+        raise UserError(f"{source} is quantised ({config['quantization'].get('scheme')}); export its float checkpoint")
     # load_checkpoint computes in float32; keep the stored dtype unless asked otherwise.
     dtype = DTYPES.get(args.dtype) or SafetensorsFolder(source).dtype()
     return export_hf(model, None if args.no_tokenizer else tokenizer, Path(args.out), dtype,
