@@ -253,3 +253,16 @@ def test_llamacpp_q8_0_loss_within_1_percent_of_float32(tmp_path, capsys):
     assert math.isclose(f32, ours, rel_tol=1e-4)  # the same model, the same text, the same loss
     assert abs(q8 - ours) / ours < 0.01
     assert q8 != f32  # the q8_0 file really holds 8-bit weights
+
+
+def test_cpu_vs_llamacpp_benchmark_compares_the_same_model():
+    """benchmarks/cpu_vs_llamacpp.py at a toy size: llama.cpp and andromeda decode the same
+    greedy tokens from the exported weights before either is timed. Speed is not asserted."""
+    pytest.importorskip("llama_cpp")
+    from benchmark_scripts import load_benchmark
+
+    report = load_benchmark("cpu_vs_llamacpp").main(["--dim", "64", "--depth", "2", "--heads", "4", "--hidden", "128",
+                                                     "--new-tokens", "16", "--repeats", "1", "--eager",
+                                                     "--precisions", "f32"])
+    (row,) = report["rows"]
+    assert row["greedy_tokens_agreeing"] == 16 and row["llamacpp_tokens_per_s"] > 0
