@@ -13,3 +13,12 @@ def test_benchmark_models_agree_before_they_are_timed():
                                                 "--new-tokens", "8", "--repeats", "1"])
     assert report["max_logit_diff"] < 1e-4
     assert report["greedy_tokens_agreeing"] == 8 == report["new_tokens"]
+
+
+@pytest.mark.slow  # compiles three decode steps with Inductor (about a minute)
+def test_quant_mode_decodes_float_int8_and_int4_of_the_same_weights():
+    report = load_benchmark("cpu_decode").main(["--quant", "--dim", "64", "--depth", "1", "--heads", "2",
+                                                "--hidden", "128", "--new-tokens", "4", "--repeats", "1"])
+    assert report["float32_speedup"] == 1.0
+    for name in ("int8", "int4"):
+        assert report[f"{name}_tokens_per_s"] > 0 and 0 <= report[f"{name}_greedy_tokens_agreeing"] <= 4
