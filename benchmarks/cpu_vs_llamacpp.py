@@ -149,8 +149,10 @@ def main(argv=None) -> dict:
             theirs_tps = args.new_tokens / statistics.median(their_times)
             ours_tps = args.new_tokens / statistics.median(our_times)
             gguf_bytes = weight_bytes(path)
-            row.update({"greedy_tokens_agreeing": next((i for i, (a, b) in enumerate(zip(theirs_tokens, our_tokens))
-                                                         if a != b), len(our_tokens)),
+            n = max(len(theirs_tokens), len(our_tokens))  # a missing token counts as a difference
+            agree = next((i for i in range(n) if i >= min(len(theirs_tokens), len(our_tokens))
+                          or theirs_tokens[i] != our_tokens[i]), n)
+            row.update({"greedy_tokens_agreeing": agree,
                         "llamacpp_tokens_per_s": round(theirs_tps, 1), "andromeda_tokens_per_s": round(ours_tps, 1),
                         "ratio_andromeda_over_llamacpp": round(ours_tps / theirs_tps, 2),
                         "weight_mb_per_token": round(gguf_bytes / 1e6, 1),

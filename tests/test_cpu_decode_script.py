@@ -22,3 +22,13 @@ def test_quant_mode_decodes_float_int8_and_int4_of_the_same_weights():
     assert report["float32_speedup"] == 1.0
     for name in ("int8", "int4"):
         assert report[f"{name}_tokens_per_s"] > 0 and 0 <= report[f"{name}_greedy_tokens_agreeing"] <= 4
+
+
+def test_agreement_counts_a_missing_token_as_a_difference():
+    """The agreement used to be counted over zip(hf, ours), so an engine that returned fewer
+    tokens (none at all, even) reported full agreement."""
+    agreement = load_benchmark("cpu_decode").greedy_agreement
+    assert agreement([1, 2, 3], [1, 2, 3]) == 3
+    assert agreement([1, 2, 3], [1, 9, 3]) == 1
+    assert agreement([1, 2, 3], [1, 2]) == 2 and agreement([1, 2], [1, 2, 3]) == 2
+    assert agreement([1, 2, 3], []) == 0
