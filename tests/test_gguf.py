@@ -79,7 +79,7 @@ def rotate_half_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- no llama.cpp needed
-@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_reader_sees_every_key_and_tensor(qtype, tmp_path, capsys):
     tok = CharTokenizer.from_text(TEXT)
     model, path = export(tmp_path, tok, qtype)
@@ -95,7 +95,7 @@ def test_reader_sees_every_key_and_tensor(qtype, tmp_path, capsys):
         "llama.attention.head_count_kv": 2, "llama.attention.key_length": 16, "llama.attention.value_length": 16,
         "llama.rope.dimension_count": 16, "llama.rope.freq_base": 10000.0,
         "llama.attention.layer_norm_rms_epsilon": pytest.approx(1e-5), "llama.vocab_size": tok.vocab_size,
-        "general.file_type": {"f32": 0, "q8_0": 7}[qtype], "tokenizer.ggml.model": "gpt2",
+        "general.file_type": {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}[qtype], "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.eos_token_id": tok.eos_id,
         "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
         "tokenizer.chat_template": CHAT_TEMPLATE,
@@ -132,7 +132,10 @@ def test_reader_sees_every_key_and_tensor(qtype, tmp_path, capsys):
         if want.ndim == 1 or qtype == "f32":
             assert t.tensor_type == gguf.GGMLQuantizationType.F32
             np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want)
-        else:
+        elif qtype == "f16":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want.astype(np.float16))
+        elif qtype == "q8_0":
             assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
             got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
             scale = np.abs(want).reshape(-1, 32).max(1, keepdims=True) / 127  # one scale per 32 weights
@@ -140,6 +143,14 @@ def test_reader_sees_every_key_and_tensor(qtype, tmp_path, capsys):
             # Half a step, plus the scale's own rounding to float16 (2^-11 relative) times 127 steps.
             assert (err <= scale * (0.5 + 127 / 2048) + 1e-7).all(), gguf_name
             assert (err > 0).any()  # really quantised
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            step = np.abs(want).reshape(-1, 32).max(1, keepdims=True) / 8  # 16 levels per 32 weights
+            err = np.abs(got - want).reshape(-1, 32)
+            # At most one step: q4_0 maps the largest magnitude to -8 and clips the other side at +7.
+            assert (err <= step * (1 + 16 / 2048) + 1e-7).all(), gguf_name
+            assert (err > step / 8).any()  # really 4-bit
 
 
 def _gpt2_alphabet():
