@@ -126,3 +126,14 @@ def test_resume_with_another_teacher_is_refused(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--distill-from" in err
     assert sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir()) == before
+
+
+def test_teacher_shorter_than_the_training_windows_is_refused(runs, tmp_path, capsys):
+    from andromeda.data.tokenizer import ByteTokenizer
+
+    save_checkpoint(tmp_path / "short", Transformer(ModelConfig(vocab_size=288, dim=32, depth=1, max_seq_len=16)),
+                    ByteTokenizer())
+    capsys.readouterr()
+    assert student(runs, tmp_path / "s", 2, "--distill-from", tmp_path / "short") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_seq_len (16)" in err and not (tmp_path / "s").exists()

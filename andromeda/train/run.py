@@ -137,7 +137,11 @@ def resolve_run(args) -> RunPlan:
     if distill_from is None and base.get("distill_from"):
         distill_from = Path(base["distill_from"])  # a resumed run keeps its teacher
     if distill_from is not None:
-        read_config(distill_from)  # a missing or foreign folder is refused before anything is written
+        # A missing or foreign folder, or a teacher shorter than the training windows, is refused
+        # before anything is written.
+        teacher_len = ModelConfig.from_dict(read_config(distill_from)["model"]).max_seq_len
+        if teacher_len < seq_len:
+            raise UserError(f"teacher max_seq_len ({teacher_len}) is shorter than train.seq_len ({seq_len})")
         if data_dir is not None and (data_dir / "meta.json").exists():
             from andromeda.data.prepare import open_prepared
             from andromeda.train.distill import check_same_tokenizer
