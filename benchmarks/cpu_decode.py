@@ -163,7 +163,7 @@ def quant_main(args) -> dict:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "group_size": args.group_size,
               "repeats": args.repeats}
     for name in engines:
-        agree = next((i for i, (a, b) in enumerate(zip(tokens["float32"], tokens[name])) if a != b), len(tokens[name]))
+        agree = greedy_agreement(tokens["float32"], tokens[name])
         report[f"{name}_tokens_per_s"] = round(tps[name], 1)
         report[f"{name}_speedup"] = round(tps[name] / tps["float32"], 2)
         report[f"{name}_greedy_tokens_agreeing"] = agree

@@ -5,10 +5,9 @@ Offers:
   scales; `dequantize_int8` / `dequantize_int4` invert them.
 - `Int8Linear`, `Int4Linear`, `Int8Embedding`: modules that hold only the codes and scales
   (buffers) and compute from them.
-- `quantize_model(model, bits, group_size=32, head="int8", embedding="int8")`: replace, in place,
-  every plain `nn.Linear` (attention, MLP, Mamba projections, routers, head) and the token
-  embedding; returns a summary dict. This is the Python API for benchmarks and tools.
 - `SCHEMES`, `GROUP_SIZES`: what is accepted.
+
+Applying them to a whole model, saving and loading: `andromeda.quant.quantize`.
 
 Schemes:
 - int8: one float32 scale per output channel, symmetric codes in [-127, 127] (absmax / 127).
