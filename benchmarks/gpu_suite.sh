@@ -10,11 +10,13 @@
 # fraction, llama 1.2B shape), train (gpt2 124M @1024, andromeda @8192), efficiency
 # (benchmarks/efficiency.py at dim 1024), shakespeare (the full baby-GPT run, ~minutes),
 # fsdp (per-GPU memory and step time of DDP, FSDP and FSDP + CPU offload at 1, 2, 4, ... GPUs
-# up to the machine's count, gpt2 124M @1024; then the largest preset each setup trains).
+# up to the machine's count, gpt2 124M @1024; then the largest preset each setup trains),
+# serve (benchmarks/serve_load.py with the server on the GPU: 1-64 streaming clients, a
+# 12 x 768 model, batch invariance checked under load).
 # A part that fails is reported and the suite goes on to the next.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_suite}
-PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp"}
+PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp serve"}
 mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
@@ -47,6 +49,8 @@ WORLDS=1; for w in 2 4 8 16; do [ "$w" -le "$NGPU" ] && WORLDS="$WORLDS,$w"; don
 part fsdp bash -c "python benchmarks/fsdp.py --device cuda --worlds $WORLDS --preset gpt2 --seq 1024 --batch 8 \
   --steps 10 --json && python benchmarks/fsdp.py --device cuda --worlds $WORLDS --seq 2048 --batch 1 --steps 1 \
   --probe gpt2,andromeda-1b,llama,andromeda-3b,andromeda-7b,andromeda-10b,andromeda-15b --json"
+part serve python benchmarks/serve_load.py --clients 1,4,16,64 --max-batch 64 --dim 768 --depth 12 --heads 12 \
+  --hidden 2048 --server-args="--device cuda" --baseline-args="--device cuda --no-batch-invariance" --json
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed parts: ${failed[*]}" | tee -a "$OUT/suite.log"
