@@ -4,6 +4,9 @@
     model.safetensors  weights (tied head weight stored once, under embed.weight)
     tokenizer.json     for Hugging Face tokenizers
     train_state.pt     optional; written by the trainer, loaded with weights_only=True
+    sharded/           instead of model.safetensors in checkpoints of FSDP training: weights and
+                       optimizer state as torch.distributed.checkpoint shards (see
+                       andromeda.train.distributed_checkpoint); `load_checkpoint` reads them too
 
 `save_checkpoint` writes into a temporary sibling folder and renames it into place, so a
 crash leaves either the previous folder or the complete new one. Weights never go through
@@ -33,6 +36,7 @@ FORMAT = "andromeda"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+SHARDED = "sharded"  # folder of torch.distributed.checkpoint files, instead of WEIGHTS
 
 
 def _state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
@@ -46,12 +50,18 @@ def write_checkpoint_files(folder: Path, model: Transformer, tokenizer: Optional
                            meta: Optional[dict] = None, weights_name: str = WEIGHTS) -> None:
     """Write config, weights (as `weights_name`) and tokenizer into an existing (temporary) folder."""
     folder = Path(folder)
-    config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(),
-              "tokenizer": tokenizer.spec() if tokenizer is not None else None, "meta": meta or {}}
     save_file(_state_for_saving(model), str(folder / weights_name), metadata={"format": "pt"})
+    write_config_files(folder, model.cfg, tokenizer, meta)
+
+
+def write_config_files(folder: Path, model_cfg: ModelConfig, tokenizer: Optional[Tokenizer],
+                       meta: Optional[dict] = None) -> None:
+    """Write config.json and the tokenizer files (everything but the weights) into `folder`."""
+    config = {"format": FORMAT, "version": VERSION, "model": model_cfg.to_dict(),
+              "tokenizer": tokenizer.spec() if tokenizer is not None else None, "meta": meta or {}}
     if tokenizer is not None:
         tokenizer.save(folder)
-    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: bool = True) -> Path:
@@ -67,20 +77,40 @@ def atomic_folder_write(dest: Path, fill: Callable[[Path], None], overwrite: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fill(tmp)
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; checkpoints are shared artefacts
-        old = dest.with_name(dest.name + ".old")
-        if dest.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def publish_folder(tmp: Path, dest: Path) -> None:
+    """Sync the filled temporary folder `tmp` to disk and rename it to `dest` (an existing
+    `dest` is moved aside first and removed once the new one is in place)."""
+    _fsync_tree(tmp)
+    _usual_modes(tmp)
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the folder and its files the modes a plain create gives under the user's umask:
+    mkdtemp makes the folder private and some writers (safetensors) create files 0600, but
+    checkpoints are shared artefacts, readable like any other file the user writes."""
+    probe = folder / ".mode-probe"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: folders must be searchable
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -102,6 +132,11 @@ def save_checkpoint(dest: Path, model: Transformer, tokenizer: Optional[Tokenize
         return atomic_folder_write(Path(dest), fill)
     except OSError as e:
         raise UserError(f"could not write checkpoint {dest}: {e.strerror or e}") from None
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether `folder` holds its weights as torch.distributed.checkpoint shards (FSDP runs)."""
+    return (Path(folder) / SHARDED / ".metadata").exists()
 
 
 def checkpoint_folder(path: Path) -> Path:
@@ -140,12 +175,16 @@ def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer,
         # A BitNet model exported with 2-bit ternary weights: run it from the packed form.
         from andromeda.quant.bitpack import load_packed
         return load_packed(folder, device=device or "cpu")
-    if not weights.exists():
+    if not weights.exists() and not is_sharded(folder):
         raise UserError(f"checkpoint {folder} has no {WEIGHTS}")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"cannot read {weights}: {e}") from None
+    if is_sharded(folder):  # written by FSDP training: torch.distributed.checkpoint shards
+        from andromeda.train.distributed_checkpoint import load_sharded_weights
+        state = load_sharded_weights(folder, cfg)
+    else:
+        try:
+            state = load_file(str(weights), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {weights}: {e}") from None
     state = upgrade_state_dict(state, config["model"])  # older format versions named tensors otherwise
     model = build_model(cfg, device="meta")
     stored = [t.dtype for t in state.values() if t.is_floating_point()]

@@ -2,7 +2,8 @@
 
 Each subcommand lives in `andromeda/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; modules are imported only when their command runs, so `--help` is fast.
-A `UserError` (bad input) prints one line on stderr and exits 2; Ctrl-C exits 130.
+A `UserError` (bad input) prints one line on stderr and exits 2; Ctrl-C exits 130; a closed
+output pipe ends the command quietly.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from andromeda.errors import UserError
+from andromeda.threads import THREADED_COMMANDS, add_threads_argument, apply_threads, choose_wait_policy
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,9 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("andromeda.commands.eval", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("andromeda.commands.generate", "generate text from a checkpoint"),
     "chat": ("andromeda.commands.chat", "interactive chat with a checkpoint"),
-    "convert": ("andromeda.commands.convert", "import a Hugging Face model folder"),
+    "convert": ("andromeda.commands.convert",
+                "convert between Hugging Face folders and andromeda checkpoints; import x-transformers"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
+    "consolidate": ("andromeda.commands.consolidate", "write a sharded (FSDP) checkpoint as an ordinary one"),
 }
 
 
@@ -43,6 +48,8 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
             p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             module.add_arguments(p)
+            if name in THREADED_COMMANDS:
+                add_threads_argument(p)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser, module
@@ -50,12 +57,16 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if next((a for a in argv if not a.startswith("-")), None) in THREADED_COMMANDS:
+        choose_wait_policy()  # before any command imports torch (see andromeda/threads.py)
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None or module is None:
         parser.print_help()
         return 1
     try:
+        if args.command in THREADED_COMMANDS:
+            apply_threads(args.threads)
         return int(module.run(args) or 0)
     except UserError as e:
         print(f"andromeda {args.command}: error: {e}", file=sys.stderr)
@@ -63,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed the pipe (`andromeda presets | head -2`): stop quietly, as
+    a Unix tool does, with the status of a process SIGPIPE ended. stdout goes to /dev/null so
+    that the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (a library caller's stream)
+        pass
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":

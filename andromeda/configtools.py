@@ -52,7 +52,10 @@ def _check_type(value: Any, hint, key: str) -> Any:
             return None
         raise ConfigError(f"{key} must not be null (expected {_type_name(hint)})")
     ok = True
-    if inner is bool:
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, inner):
+            raise ConfigError(f"{key} must be a mapping of its fields, got {type(value).__name__} {value!r}")
+    elif inner is bool:
         ok = isinstance(value, bool)
     elif inner is int:
         ok = isinstance(value, int) and not isinstance(value, bool)

@@ -9,7 +9,9 @@ as in the published recipes (nanoGPT's baby GPT 1e-3 at 384, GPT-2 small 6e-4 at
 2.18 at 1e-2).
 Sizes of the Andromeda family follow the spec's configs (dim_head 128, two KV heads, ALiBi
 on part of the heads plus xPos, QK-norm with a learned per-dim scale); x-transformers'
-defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width).
+defaults fill what the spec leaves out (LayerNorm, pre-norm, GELU FFN of 4x width), without its
+legacy biases, skip gains and value rotation, like `andromeda-nobias`. `andromeda` itself is the
+spec's base model exactly as x-transformers 1.16 builds it (docs/model.md).
 """
 
 from __future__ import annotations
@@ -27,7 +29,28 @@ def _andromeda_size(vocab: int, seq: int, dim: int, depth: int, heads: int, alib
                 norm=dict(kind="layer", placement="pre"), mlp=dict(kind="gelu"))
 
 
+# The spec's model, as x-transformers 1.16 builds `TransformerWrapper(num_tokens=64007,
+# max_seq_len=8192, use_abs_pos_emb=False, attn_layers=Decoder(dim=512, depth=6, heads=8,
+# alibi_pos_bias=True, alibi_num_heads=4, rotary_xpos=True, attn_flash=True, deepnorm=True,
+# shift_tokens=1, attn_one_kv_head=True))`: same parameters (81,762,823) and, with its weights
+# imported, the same logits (tests/test_xtransformers.py). What x-transformers adds to the spec's
+# list: biases in LayerNorm, FFN (GELU, 4x) and logits; a learned skip gain under DeepNorm's alpha;
+# rotary/xPos on 32 of the 64 channels of each head (max(head_dim / 2, 32)), values included. The
+# values' xPos centre is fixed where x-transformers puts it on 8192-token calls (its training
+# length), so the model is causal; x-transformers moves it with each call's length.
 ANDROMEDA = dict(
+    vocab_size=64007, max_seq_len=8192, dim=512, depth=6, head_bias=True,
+    attention=dict(heads=8, kv_heads=1),
+    position=dict(kind="xpos", rope_dim=32, xpos_scale_base=512.0, alibi_heads=4, rotate_values=True),
+    norm=dict(kind="layer", placement="deepnorm", bias=True),
+    mlp=dict(kind="gelu", bias=True),
+    block=dict(shift_tokens=1, residual_gain=True),
+)
+
+# The same shape without x-transformers' legacy details (no biases, no skip gain, rotary over the
+# whole head, values not rotated): built like the andromeda-1b ... 15b family, so it is that
+# family's small end for scaling comparisons (docs/model.md).
+ANDROMEDA_NOBIAS = dict(
     vocab_size=64007, max_seq_len=8192, dim=512, depth=6,
     attention=dict(heads=8, kv_heads=1),
     position=dict(kind="xpos", alibi_heads=4),
@@ -74,8 +97,9 @@ MINIMAL_SOTA = dict(  # Mistral-style baseline with parallel blocks
 def _tiny(base: dict, **changes) -> dict:
     """A CPU-sized variant of `base`: same architecture, small widths."""
     cfg = copy.deepcopy(base)
-    cfg.update(vocab_size=288, max_seq_len=256, dim=64, depth=2)  # 288 >= 257 byte ids
     att = cfg["attention"]
+    head_dim = att.get("head_dim") or cfg["dim"] // att["heads"]
+    cfg.update(vocab_size=288, max_seq_len=256, dim=64, depth=2)  # 288 >= 257 byte ids
     kv = att.get("kv_heads") or att["heads"]
     if kv == 1:
         tiny_kv = 1  # multi-query stays multi-query
@@ -85,6 +109,8 @@ def _tiny(base: dict, **changes) -> dict:
         tiny_kv = 4
     att.update(heads=4, kv_heads=tiny_kv)
     att.pop("head_dim", None)
+    if cfg.get("position", {}).get("rope_dim"):  # partial rotary keeps its share of the head
+        cfg["position"]["rope_dim"] = cfg["position"]["rope_dim"] * (64 // 4) // head_dim
     if cfg.get("position", {}).get("alibi_heads", 0) > 0:
         cfg["position"]["alibi_heads"] = 2
     cfg.get("mlp", {}).pop("hidden_dim", None)
@@ -95,7 +121,9 @@ def _tiny(base: dict, **changes) -> dict:
 
 
 PRESETS: dict[str, tuple[str, dict]] = {
-    "andromeda": ("the spec's model: ALiBi on 4 heads + xPos, DeepNorm, token shift, multi-query", ANDROMEDA),
+    "andromeda": ("the spec's model as x-transformers 1.16 builds it: ALiBi on 4 heads + xPos, DeepNorm, "
+                  "token shift, multi-query", ANDROMEDA),
+    "andromeda-nobias": ("andromeda without x-transformers' biases, skip gains and value rotation", ANDROMEDA_NOBIAS),
     "andromeda-1b": ("Andromeda size family, 1B", _andromeda_size(25000, 4192, 2048, 16, 8, 4)),
     "andromeda-3b": ("Andromeda size family, 3B", _andromeda_size(50432, 8192, 3072, 24, 12, 6)),
     "andromeda-7b": ("Andromeda size family, 7B", _andromeda_size(50432, 8192, 4096, 32, 16, 8)),

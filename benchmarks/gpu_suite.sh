@@ -8,11 +8,13 @@
 #
 # Parts: tests (CUDA-only and slow tests), prefill (32k/100k targets), decode (HBM
 # fraction, llama 1.2B shape), train (gpt2 124M @1024, andromeda @8192), efficiency
-# (benchmarks/efficiency.py at dim 1024), shakespeare (the full baby-GPT run, ~minutes).
+# (benchmarks/efficiency.py at dim 1024), shakespeare (the full baby-GPT run, ~minutes),
+# fsdp (per-GPU memory and step time of DDP, FSDP and FSDP + CPU offload at 1, 2, 4, ... GPUs
+# up to the machine's count, gpt2 124M @1024; then the largest preset each setup trains).
 # A part that fails is reported and the suite goes on to the next.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_suite}
-PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare"}
+PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp"}
 mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
@@ -40,6 +42,11 @@ part train bash -c 'andromeda bench train --preset gpt2 --seq 1024 --batch 16 --
 part efficiency python benchmarks/efficiency.py --device cuda --dim 1024 --depth 8 --seq-len 1024 \
   --batch-size 8 --expert-hidden 2048 --moe-tokens 65536 --compile --json "$OUT/efficiency.json"
 part shakespeare env OUT="$OUT/shakespeare-char" bash benchmarks/shakespeare_char.sh
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+WORLDS=1; for w in 2 4 8 16; do [ "$w" -le "$NGPU" ] && WORLDS="$WORLDS,$w"; done
+part fsdp bash -c "python benchmarks/fsdp.py --device cuda --worlds $WORLDS --preset gpt2 --seq 1024 --batch 8 \
+  --steps 10 --json && python benchmarks/fsdp.py --device cuda --worlds $WORLDS --seq 2048 --batch 1 --steps 1 \
+  --probe gpt2,andromeda-1b,llama,andromeda-3b,andromeda-7b,andromeda-10b,andromeda-15b --json"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed parts: ${failed[*]}" | tee -a "$OUT/suite.log"

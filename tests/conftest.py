@@ -1,7 +1,13 @@
 """Suite-wide test settings."""
 
+import os
+
 import pytest
 import torch
+
+# The CLI's default thread count samples how busy the cores are; tests pin one thread instead
+# (see one_thread below), and the CLI respects OMP_NUM_THREADS when it is set.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

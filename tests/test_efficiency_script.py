@@ -24,7 +24,6 @@ def test_sections_report_matched_models_packing_and_dispatch(efficiency, tmp_pat
     dense_active = models["dense"]["active_params"]
     for row in models.values():
         assert abs(row["active_params"] - dense_active) <= 0.05 * dense_active
-        assert row["train_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
     assert models["moe"]["total_params"] > models["moe"]["active_params"]
     unpacked, packed = r["bitnet_packed"]
     assert packed["max_logit_diff_vs_unpacked"] == 0.0

@@ -184,10 +184,29 @@ def test_prompt_errors():
         engine.generate(["x" * 40], GREEDY)
     with pytest.raises(UserError, match="vocabulary"):
         engine.generate([[1, 2, 999]], GREEDY)
-    # Truncation keeps the last tokens; generation stops at the end of the context.
+    # Truncation keeps the last tokens and leaves room for the new ones, up to half the context.
     trunc = Engine(engine.model, ByteTokenizer(), truncate_prompt=True)
+    r = trunc.generate(["x" * 40], GREEDY.replace(max_new_tokens=5))[0]
+    assert r.prompt_tokens == 27 and r.new_tokens == 5 and r.finish_reason == "length"
     r = trunc.generate(["x" * 40], GREEDY.replace(max_new_tokens=20))[0]
-    assert r.prompt_tokens == 31 and r.new_tokens == 1 and r.finish_reason == "length"
+    assert r.prompt_tokens == 16 and r.new_tokens == 16 and r.finish_reason == "length"
+
+
+def test_compiled_one_row_decoding_matches_eager_fast():
+    """The default suite's check of the compiled CPU decode path (batch 1, the fused one-row
+    products that CPU decoding speed rests on); the slow test below covers more models and
+    batch shapes. compile_ms shows the compiled step did run, not an eager fallback."""
+    cfg = get_preset("llama-tiny")
+    cfg.max_seq_len, cfg.depth = 64, 1
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8.0)
+    params = GREEDY.replace(max_new_tokens=6)
+    eager = Engine(model, ByteTokenizer()).generate(["a prompt"], params)[0]
+    compiled = Engine(model, ByteTokenizer(), compile=True).generate(["a prompt"], params)[0]
+    assert compiled.compile_ms > 0
+    assert compiled.token_ids == eager.token_ids and len(set(eager.token_ids)) > 1
 
 
 @pytest.mark.slow

@@ -133,16 +133,40 @@ def test_post_norm_is_refused():
         ModelConfig.from_dict(dict(depth=2, norm=dict(placement="post"), layout=dict(routing="none,mod")))
 
 
-def test_anemone_checkpoint_roundtrip_keeps_logits(tmp_path):
+def routed_per_row(model, x) -> list[list[int]]:
+    """For each Mixture-of-Depths layer, how many tokens of each row its block changed: a
+    token the router skips passes the layer unchanged, so this counts what was routed."""
+    counts, hooks = [], []
+    for layer in model.layers:
+        if layer.route is not None:
+            hooks.append(layer.route.register_forward_hook(
+                lambda mod, args, out: counts.append((out[0] != args[0]).any(-1).sum(-1).tolist())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def test_anemone_checkpoint_roundtrip_keeps_logits_and_routing(tmp_path):
     from andromeda.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(get_preset("anemone-tiny")).eval()
-    x = torch.randint(0, model.cfg.vocab_size, (2, 10))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
     save_checkpoint(tmp_path / "ckpt", model)
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+    # Training routes exactly ceil(capacity * L) tokens per row through each MoD block:
+    # 0.25 of 16 here, so a router that skipped every token or routed all of them fails.
+    assert loaded.cfg.mod.capacity == 0.25
+    expected = [[4, 4], [4, 4]]  # two MoD layers x two rows
+    assert routed_per_row(loaded.train(), x) == expected == routed_per_row(model.train(), x)
+    # Inference routes by the predictor, token by token: the same tokens before and after.
+    assert routed_per_row(loaded.eval(), x) == routed_per_row(model.eval(), x)
 
 
 def test_activation_checkpointing_counts_aux_losses_once():

@@ -46,6 +46,13 @@ VARIANTS = {
     "andromeda-spec": dict(attention=dict(heads=4, kv_heads=1), position=dict(kind="xpos", alibi_heads=2),
                            norm=dict(kind="layer", placement="deepnorm"), mlp=dict(kind="gelu"),
                            block=dict(shift_tokens=1)),
+    # The andromeda preset's x-transformers details: biases, skip gains, partial rotary on values too.
+    "andromeda-xt": dict(attention=dict(heads=4, kv_heads=1), head_bias=True,
+                         position=dict(kind="xpos", rope_dim=8, alibi_heads=2, rotate_values=True),
+                         norm=dict(kind="layer", placement="deepnorm", bias=True), mlp=dict(kind="gelu", bias=True),
+                         block=dict(shift_tokens=1, residual_gain=True)),
+    "qk-l2": dict(attention=dict(heads=4, qk_norm="l2", qk_norm_scale=8.0)),
+    "silu-gain": dict(mlp=dict(kind="silu"), block=dict(residual_gain=True)),
 }
 
 

@@ -65,8 +65,9 @@ def test_split_run_is_bit_identical(tmp_path, data, capsys):
     first = train_run(resolve_run(args), progress=False, stop_after=6)
     assert first.name == "step_0000006"
     assert main(train_argv(data, split, 12, "--resume")) == 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and out.strip().splitlines()[-1].endswith("step_0000012")
+    out, err = capsys.readouterr()
+    assert f"resuming from {split / 'checkpoints' / 'step_0000006'} at step 6 of 12" in err
+    assert out.strip().splitlines()[-1].endswith("step_0000012")
     assert losses(straight) == losses(split)
     assert [s for s, _ in losses(split)] == list(range(1, 13))
     assert_same_weights(straight / "checkpoints" / "latest", split / "checkpoints" / "latest")

@@ -314,19 +314,46 @@ def test_existing_run_needs_resume(tmp_path, toy_data, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_benchmark_train_reports_throughput():
-    result = benchmark_train("llama-tiny", seq_len=32, batch_size=2, steps=2, compile=False, dtype="fp32",
+class FakeClock:
+    """time.perf_counter for the trainer module: each reading is 0.5 s after the previous one."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.5
+        return self.now
+
+
+def test_benchmark_train_reports_throughput(monkeypatch):
+    import andromeda.train.benchmark as trainer_module
+
+    batches = []
+    real_next = trainer_module.RandomTokens.next_batch
+    monkeypatch.setattr(trainer_module.RandomTokens, "next_batch",
+                        lambda self: batches.append(1) or real_next(self))
+    monkeypatch.setattr(trainer_module, "time", FakeClock())
+    result = benchmark_train("llama-tiny", seq_len=32, batch_size=2, steps=3, compile=False, dtype="fp32",
                              device="cpu", warmup=1)
-    assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_mem"] is None
+    # Warmup and timed steps each draw one batch; only the 3 timed steps of 2 x 32 tokens count,
+    # over the 0.5 s the clock moved between the two readings around them.
+    assert len(batches) == 1 + 3
+    assert result["tokens_per_s"] == 3 * 2 * 32 / 0.5
+    assert result["mfu"] is None and result["peak_mem"] is None
+    model = Transformer(get_preset("llama-tiny"))
+    assert result["flops_per_token"] == flops_per_token(model, 32)
     # float32 weights plus AdamW's two moments per weight (and a step counter per tensor).
-    n = sum(p.numel() for p in Transformer(get_preset("llama-tiny")).parameters())
+    n = sum(p.numel() for p in model.parameters())
     assert 12 * n <= result["weights_and_optimizer_bytes"] <= 12 * n + 4096
 
 
 def test_benchmark_train_takes_a_config():
     cfg = ModelConfig.from_dict(SMALL)
     result = benchmark_train(cfg, seq_len=16, batch_size=2, steps=1, dtype="fp32", device="cpu", warmup=1)
-    assert result["tokens_per_s"] > 0
+    model = Transformer(cfg)  # the given config, not a preset: its own FLOPs and bytes
+    assert result["flops_per_token"] == flops_per_token(model, 16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 12 * n <= result["weights_and_optimizer_bytes"] <= 12 * n + 4096
 
 
 # ----- plot ----------------------------------------------------------------------------------

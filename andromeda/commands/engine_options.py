@@ -35,7 +35,8 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--truncate", action="store_true",
-                   help="keep the last tokens of a prompt longer than the context instead of failing")
+                   help="keep the last tokens of a prompt that does not fit, leaving room for --max-new-tokens "
+                        "(at most half the context)")
 
 
 def sampling_params(args) -> SamplingParams:

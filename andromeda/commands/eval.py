@@ -57,13 +57,16 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    for flag, value in (("--seq-len", args.seq_len), ("--stride", args.stride), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:  # 0 is not a shorthand for the default: leave the flag out
+            raise UserError(f"{flag} must be >= 1, got {value}")
     model, tokenizer, _ = load_checkpoint(args.ckpt, device=device, dtype=dtype)
     if tokenizer is None:
         raise UserError(f"checkpoint {args.ckpt} has no tokenizer; cannot read text for it")
     data = load_eval_tokens(args.data, tokenizer, args.split, args.doc_start)
     if args.lengths is not None:
         return _run_lengths(args, model, data)
-    seq_len = args.seq_len or min(model.cfg.max_seq_len, data.length - 1)
+    seq_len = args.seq_len if args.seq_len is not None else min(model.cfg.max_seq_len, data.length - 1)
     result = evaluate(model, tokenizer, data, seq_len, args.batch_size, stride=args.stride, doc_mask=args.doc_mask)
     if args.json:
         print(json.dumps(result))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from andromeda.commands.engine_options import add_sampling_arguments, build_engine, sampling_params
 from andromeda.errors import UserError
+from andromeda.infer.sampling import SamplingParams
 
 
 def add_arguments(p) -> None:
@@ -44,12 +45,22 @@ def read_prompt(args) -> str:
     return text
 
 
+def report_capped_budget(engine, prompt: str, params: SamplingParams) -> None:
+    """Say on stderr when fewer new tokens than asked for fit in the model's context."""
+    used = len(engine.encode(prompt, room=params.max_new_tokens))
+    fits = engine.max_seq_len - used
+    if params.max_new_tokens > fits:
+        print(f"andromeda: --max-new-tokens {params.max_new_tokens} capped to {fits}: the prompt takes {used} "
+              f"of the model's {engine.max_seq_len} positions", file=sys.stderr)
+
+
 def run(args) -> int:
     params = sampling_params(args)  # check the numbers before loading anything
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     prompt = read_prompt(args)
     engine = build_engine(args)
+    report_capped_budget(engine, prompt, params)
     prompts = [prompt] * args.num_samples
     if args.json:
         results = engine.generate(prompts, params)

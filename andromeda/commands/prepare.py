@@ -13,15 +13,18 @@ examples:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from andromeda.data.prepare import (
     DEFAULT_CORPUS_BYTES,
     DEFAULT_CORPUS_MIN_VAL_TOKENS,
     DEFAULT_VAL_FRACTION,
+    META,
     SHARD_TOKENS,
     prepare,
     prepare_default_corpus,
 )
+from andromeda.errors import UserError
 
 
 def add_arguments(p) -> None:
@@ -45,10 +48,14 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation document choice")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds prepared data")
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")
 
 
 def run(args) -> int:
+    if (Path(args.out) / META).exists() and not args.overwrite:
+        raise UserError(f"{args.out} already holds prepared data; pass --overwrite to replace it "
+                        "or choose another --out")
     common = dict(val_fraction=args.val_fraction, doc_mask=args.doc_mask, max_docs=args.max_docs,
                   shard_tokens=args.shard_tokens, seed=args.seed, progress=True)
     if args.data:

@@ -7,16 +7,32 @@
 
 `--set` takes model keys (attention.heads=4) and training keys (train.lr=3e-4, see
 andromeda.train.config.TrainConfig). Without --data, the embedded default corpus is
-prepared into RUN_DIR/data. The resolved config is printed and saved as
-RUN_DIR/run_config.json; the last line printed is the path of the final checkpoint.
-Under torchrun, every process trains its share (DDP) and rank 0 writes the run folder.
+prepared into RUN_DIR/data. A one-line summary is printed and the resolved config saved as
+RUN_DIR/run_config.json once every check has passed; the last line printed is the path of
+the final checkpoint. Under torchrun, every process trains its share (DDP) and rank 0 writes
+the run folder; train.batch_size is per process. `--set train.parallel=fsdp` shards the
+model, optimizer and checkpoints over the processes (FSDP2; without torchrun, a world of one),
+and `--set train.offload=cpu` keeps the shards in host memory (docs/training.md):
+
+  torchrun --nproc_per_node 8 -m andromeda train --preset andromeda-7b --set train.parallel=fsdp --out runs/7b
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits with
+130 or 143; a second Ctrl-C stops at once. `--resume` continues from the newest intact
+checkpoint and refuses when there is none. One run at a time may use a run folder: a second
+`train` on the same --out refuses and names the pid of the first.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
 
+from andromeda.train.interrupt import TrainingInterrupted
 from andromeda.train.run import resolve_run, train_run
+from andromeda.train.runlock import RunLock
 
 
 def add_arguments(p) -> None:
@@ -39,10 +55,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    plan = resolve_run(args)
-    if plan.is_main:
-        print(json.dumps(plan.resolved(), indent=2), flush=True)
-    final = train_run(plan, progress=not args.no_progress)
+    # Under torchrun every rank runs this; rank 0 alone writes the folder and holds its lock.
+    lock = RunLock(Path(args.out)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        plan = resolve_run(args)
+        try:
+            final = train_run(plan, progress=not args.no_progress)
+        except TrainingInterrupted as stop:
+            if plan.is_main:
+                print(f"stopped by {signal.Signals(stop.signum).name} at step {stop.step}; saved {stop.checkpoint}; "
+                      f"continue with: andromeda train --out {args.out} --resume", file=sys.stderr, flush=True)
+            return stop.exit_code
     if plan.is_main:
         print(final, flush=True)
     return 0

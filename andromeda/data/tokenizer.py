@@ -16,6 +16,7 @@ writes any files the spec names; `load_tokenizer(spec, folder)` inverts both.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -218,6 +219,10 @@ def train_bpe(texts, vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
                                   special_tokens=[EOT_TOKEN], initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got < vocab_size:  # the trainer stops early when no pair repeats min_frequency times
+        print(f"bpe:{vocab_size}: the data supports only {got - len(alphabet) - 1} merges (pairs seen at least "
+              f"{min_frequency} times), so the tokenizer has {got} ids, not {vocab_size}", file=sys.stderr)
     return HFTokenizer(tok, eos_token=EOT_TOKEN)
 
 

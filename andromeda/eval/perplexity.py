@@ -140,7 +140,7 @@ def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
 def evaluate(model, tokenizer: Tokenizer, source, seq_len: int, batch_size: int = 8,
              stride: Optional[int] = None, doc_mask: bool = False, split: str = "val") -> dict:
     data = source if isinstance(source, EvalTokens) else load_eval_tokens(source, tokenizer, split)
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride
     if seq_len < 1 or batch_size < 1 or not 1 <= stride <= seq_len:
         raise UserError(f"need seq_len >= 1, batch_size >= 1 and 1 <= stride <= seq_len "
                         f"(got {seq_len}, {batch_size}, {stride})")

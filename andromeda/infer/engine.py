@@ -144,7 +144,9 @@ class Engine:
         return prepare_model(model, self.device, self.dtype, compiled=self.compile)
 
     # ------------------------------------------------------------------ prompts
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, room: int = 1) -> list[int]:
+        """Token ids of a prompt; with truncate_prompt, only its last tokens, leaving `room`
+        positions for new tokens (at most half the context, so that a prompt is never cut to nothing)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UserError("text prompts need a tokenizer; pass token ids instead")
@@ -157,12 +159,12 @@ class Engine:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise UserError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        limit = self.max_seq_len - 1  # leave room for at least one new token
-        if len(ids) > limit:
-            if not self.truncate_prompt:
-                raise UserError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_seq_len}; "
-                                "shorten it or allow truncation (keeps the last tokens)")
-            ids = ids[-limit:]
+        keep = self.max_seq_len - max(1, min(room, self.max_seq_len // 2))
+        if len(ids) > self.max_seq_len - 1 and not self.truncate_prompt:
+            raise UserError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_seq_len}; "
+                            "shorten it or pass --truncate (keeps the last tokens)")
+        if len(ids) > keep and self.truncate_prompt:
+            ids = ids[-keep:]
         return ids
 
     @property
@@ -184,7 +186,7 @@ class Engine:
         the caller only wants the final results."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        rows = [self.encode(p) for p in prompts]
+        rows = [self.encode(p, room=params.max_new_tokens) for p in prompts]
         if not rows:
             return
         if self.draft is not None:

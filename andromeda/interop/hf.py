@@ -164,6 +164,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     _require(cfg.mlp.kind in ("swiglu", "geglu"), f"mlp.kind={cfg.mlp.kind!r}")
     _require(a.qk_norm == "none", "qk_norm")
     _require(not cfg.block.parallel and cfg.block.shift_tokens == 0, "parallel blocks or token shift")
+    _require(not (cfg.head_bias or cfg.block.residual_gain or p.rotate_values),
+             "head_bias, block.residual_gain or position.rotate_values")
     _require(all(getattr(cfg, f) is None for f in ("moe", "moa", "mamba", "mod"))
              and set(vars(cfg.linear).values()) == {"dense"},
              "MoE, MoA, Mamba, Mixture-of-Depths or BitNet layers")

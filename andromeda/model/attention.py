@@ -1,5 +1,6 @@
 """Causal self-attention: multi-head, grouped-query and multi-query, with optional QK-norm,
-rotary/xPos on q and k, ALiBi on a subset of heads, sliding windows and document masks.
+rotary/xPos on q and k (and on v for imported x-transformers models), ALiBi on a subset of
+heads, sliding windows and document masks.
 
 Offers `ScoreOptions` (what every attention mixer shares: QK-norm, scale, rotary/xPos, ALiBi,
 the KV cache write and the kernel call; also used by moa.py) and `Attention`, the mixer.
@@ -19,7 +20,7 @@ from andromeda.model.config import ModelConfig
 from andromeda.model.layer import DerivedBuffers, InitRule, Mixer
 from andromeda.model.linear import make_linear
 from andromeda.model.norm import build_norm
-from andromeda.model.position import alibi_slopes, apply_rotary
+from andromeda.model.position import alibi_slopes, apply_rotary, scale_rotary_part
 from andromeda.model.state import Context, KVCache
 
 
@@ -55,10 +56,12 @@ class ScoreOptions(DerivedBuffers):
         L = q.shape[2]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if ctx.rotary is not None:
-            rt = ctx.rotary
+        rt = ctx.rotary
+        if rt is not None:
             q = apply_rotary(q, rt.cos, rt.sin, rt.xpos_q)
             k = apply_rotary(k, rt.cos, rt.sin, rt.xpos_k)
+            if rt.rotate_values:  # x-transformers 1.16 rotates values like keys
+                v = apply_rotary(v, rt.cos, rt.sin, rt.xpos_k)
         pos = ctx.positions
         if cache is None:
             # The keys are the queries' own tokens: masks and ALiBi depend only on distances
@@ -73,7 +76,10 @@ class ScoreOptions(DerivedBuffers):
                         alibi_heads=self.n_alibi, window=self.window, doc_ids=pos.doc_ids,
                         plain_causal=aligned, all_visible=all_visible,
                         dropout=self.dropout if self.training else 0.0, backend=self.backend)
-        return attend(q, k, v, spec)
+        out = attend(q, k, v, spec)
+        if rt is not None and rt.value_gain is not None:  # the values' xPos centre (Rotary.forward)
+            out = scale_rotary_part(out, rt.value_gain)
+        return out
 
     def score_flops_per_token(self, seq_len: int, heads: int) -> float:
         """Forward FLOPs of q.k^T and p.v per token: 2 * 2 * heads * head_dim * span. Like PaLM

@@ -1,15 +1,17 @@
 """The transformer block: a mixer and a feed-forward on two residual lines (or one, in parallel).
 
-Offers `Block(cfg, spec)`, built from one `LayerSpec` of the layer plan, and `TokenShift`.
+Offers `Block(cfg, spec)`, built from one `LayerSpec` of the layer plan, `TokenShift` and
+`ResidualGain`.
 
 Tensor names are the same whatever the options: `mixer.*` and `ffn.*` are the sublayers
 themselves, `mixer_norm` / `ffn_norm` their norms (a parallel block has one norm, `mixer_norm`,
-whose output both read), `route.*` the Mixture-of-Depths router when the plan routes the block.
+whose output both read), `mixer_gain` / `ffn_gain` the learned skip gains when
+`block.residual_gain` is set, `route.*` the Mixture-of-Depths router when the plan routes the block.
 
-The residual rule comes from `norm.placement`:
-    pre:      x + f(shift(norm(x)))
-    post:     norm(x + f(shift(x)))
-    deepnorm: norm(alpha * x + f(shift(x)))   (Wang et al. 2022, alpha = (2N)^(1/4))
+The residual rule comes from `norm.placement` (g = the learned skip gain, 1 without one):
+    pre:      g * x + f(shift(norm(x)))
+    post:     norm(g * x + f(shift(x)))
+    deepnorm: norm(alpha * g * x + f(shift(x)))   (Wang et al. 2022, alpha = (2N)^(1/4))
     parallel: x + mixer(h) + ffn(h), h = shift(norm(x))   (GPT-J, PaLM; pre-norm only)
 Variants are fixed in `__init__`; forward branches only on data (a state, a routing module).
 """
@@ -53,6 +55,18 @@ class TokenShift(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+class ResidualGain(nn.Module):
+    """A learned per-channel gain on the skip path, initialised to 1 (x-transformers'
+    `scale_residual`; its DeepNorm multiplies the skip by this vector and by alpha)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 def _part(state: Optional[LayerState], name: str):
     return None if state is None else state.get(name)
 
@@ -73,6 +87,9 @@ class Block(nn.Module):
             self.mixer_norm = build_norm(cfg.norm, cfg.dim)
         self.ffn = FFNS[spec.ffn].load()(cfg, i)
         self.ffn_norm = None if self.parallel else build_norm(cfg.norm, cfg.dim)
+        gain = cfg.block.residual_gain  # never with parallel blocks (checked by the config)
+        self.mixer_gain = ResidualGain(cfg.dim) if gain else None
+        self.ffn_gain = ResidualGain(cfg.dim) if gain else None
         self.route = ROUTINGS[spec.routing].load()(cfg, i)
         n = cfg.block.shift_tokens
         self.shift = TokenShift(n, cfg.dim) if n else None
@@ -90,20 +107,23 @@ class Block(nn.Module):
             parts["route"] = self.route.new_state(batch, device)
         return LayerState(**parts)
 
+    def _stream_parameters(self) -> int:
+        """Parameters of the norms and skip gains: one multiply-add each per token."""
+        parts = (self.mixer_norm, self.ffn_norm, self.mixer_gain, self.ffn_gain)
+        return sum(p.numel() for m in parts if m is not None for p in m.parameters())
+
     def flops_per_token(self, seq_len: int) -> float:
         if self.route is None:
             return self._body_flops(seq_len)
         return self.route.flops_per_token(seq_len, self._body_flops)
 
     def _body_flops(self, seq_len: int) -> float:
-        norms = sum(p.numel() for n in (self.mixer_norm, self.ffn_norm) if n is not None for p in n.parameters())
-        return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * norms
+        return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len) + 2.0 * self._stream_parameters()
 
     def active_parameters(self) -> int:
         inside = self.mixer.active_parameters() + self.ffn.active_parameters()
-        norms = sum(p.numel() for n in (self.mixer_norm, self.ffn_norm) if n is not None for p in n.parameters())
         routing = sum(p.numel() for p in self.route.parameters()) if self.route is not None else 0
-        return inside + norms + routing
+        return inside + self._stream_parameters() + routing
 
     def forward(self, x: torch.Tensor, ctx: Context, state: Optional[LayerState] = None):
         if self.route is None:
@@ -116,16 +136,18 @@ class Block(nn.Module):
             mixed, aux_m = self.mixer(h, ctx, _part(state, "mixer"))
             fed, aux_f = self.ffn(h, ctx)
             return x + self.dropout(mixed + fed), merge_aux(aux_m, aux_f)
-        x, aux_m = self._line(x, ctx, self.mixer, self.mixer_norm, _part(state, "mixer"), state, "shift_mixer")
-        x, aux_f = self._line(x, ctx, self.ffn, self.ffn_norm, None, state, "shift_ffn")
+        x, aux_m = self._line(x, ctx, self.mixer, self.mixer_norm, self.mixer_gain, _part(state, "mixer"),
+                              state, "shift_mixer")
+        x, aux_f = self._line(x, ctx, self.ffn, self.ffn_norm, self.ffn_gain, None, state, "shift_ffn")
         return x, merge_aux(aux_m, aux_f)
 
     def _shift(self, h, state, name):
         return self.shift(h, _part(state, name)) if self.shift is not None else h
 
-    def _line(self, x, ctx, fn, norm, fn_state, state, shift_name):
+    def _line(self, x, ctx, fn, norm, gain, fn_state, state, shift_name):
+        skip = gain(x) if gain is not None else x
         if self.pre:
             y, aux = fn(self._shift(norm(x), state, shift_name), ctx, fn_state)
-            return x + self.dropout(y), aux
+            return skip + self.dropout(y), aux
         y, aux = fn(self._shift(x, state, shift_name), ctx, fn_state)
-        return norm(self.alpha * x + self.dropout(y)), aux
+        return norm(self.alpha * skip + self.dropout(y)), aux

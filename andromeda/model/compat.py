@@ -26,8 +26,15 @@ def config_version(d: dict) -> int:
     """The stored `format_version`; without one, 1 if the dict has version 1's `extras` (every
     version-1 config file does), else the current layout (hand-written dicts, presets)."""
     if "format_version" in d:
-        return int(d["format_version"])
+        return _int_field(d, "format_version")
     return 1 if "extras" in d else 2
+
+
+def _int_field(d: dict, key: str, default: int = 0) -> int:
+    value = d.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected int, got {type(value).__name__}")
+    return value
 
 
 def _pattern(depth: int, every: int, offset: int, hit: str, miss: str) -> str:
@@ -50,7 +57,7 @@ def upgrade_config(d: dict) -> dict:
     if unknown:
         raise ConfigError(f"unknown config key in extras: {', '.join(unknown)}")
     lay = dict(extras.get("layout") or {})
-    depth = int(d.get("depth", 4))
+    depth = _int_field(d, "depth", 4)
     attention = "moa" if "moa" in extras else "attention"
     attn_every = lay.get("attention_every")
     if attn_every is None:

@@ -47,7 +47,8 @@ class AttentionConfig:
     head_dim: Optional[int] = None
     """Per-head width; None means dim // heads."""
     qk_norm: str = "none"
-    """'none', 'rms' or 'layer': normalise q and k per head before the dot product."""
+    """'none', 'rms', 'layer' or 'l2': normalise q and k per head before the dot product ('l2'
+    divides by the Euclidean norm, as x-transformers' cosine-similarity attention does)."""
     qk_norm_dim_scale: bool = True
     """With qk_norm: learn a per-dimension scale on q and k (the spec's attn_qk_norm_dim_scale)."""
     qk_norm_scale: Optional[float] = None
@@ -69,7 +70,7 @@ class AttentionConfig:
         check(self.kv_heads >= 1, f"attention.kv_heads must be >= 1, got {self.kv_heads}")
         check(self.heads % self.kv_heads == 0,
                f"attention.heads ({self.heads}) must be divisible by attention.kv_heads ({self.kv_heads})")
-        _one_of("attention.qk_norm", self.qk_norm, ("none", "rms", "layer"))
+        _one_of("attention.qk_norm", self.qk_norm, ("none", "rms", "layer", "l2"))
         _one_of("attention.backend", self.backend, ("auto", "sdpa", "flex", "reference"))
         check(0.0 <= self.dropout < 1.0, f"attention.dropout must be in [0, 1), got {self.dropout}")
         check(self.head_dim is None or self.head_dim >= 1, "attention.head_dim must be >= 1")
@@ -102,6 +103,16 @@ class PositionConfig:
     alibi_heads: int = 0
     """Heads that get an ALiBi bias (Press et al. 2021); 0 = none, -1 = all. These are the
     first heads, as in the spec's alibi_num_heads; the other heads keep only rotary."""
+    rotate_values: bool = False
+    """Rotate the values too, with the keys' rotation and xPos scale (x-transformers 1.16 does;
+    needed to import its models)."""
+    xpos_value_centre: str = "fixed"
+    """Where the values' xPos scale is 1 when values are rotated. The centre cancels in q.k but
+    not in the values. 'fixed': max_seq_len // 2, the centre x-transformers uses on a call of
+    max_seq_len tokens (its training length); the model stays causal and cacheable. 'call': the
+    middle of each call, (last position + 1) // 2, as x-transformers computes it on every call:
+    exact parity at any length, but a token's logits then depend on where the call ends, so it
+    cannot decode with a KV cache (for checking imports, not for serving)."""
 
     def __post_init__(self):
         _one_of("position.kind", self.kind, ("none", "learned", "rope", "xpos"))
@@ -113,6 +124,11 @@ class PositionConfig:
         check(self.alibi_heads >= -1, "position.alibi_heads must be -1 (all), 0 (none) or a head count")
         check(self.rope_scaling == "none" or self.kind in ("rope", "xpos"),
                f"position.rope_scaling={self.rope_scaling!r} needs position.kind 'rope' or 'xpos'")
+        check(not self.rotate_values or self.rotary,
+              "position.rotate_values needs position.kind 'rope' or 'xpos'")
+        _one_of("position.xpos_value_centre", self.xpos_value_centre, ("fixed", "call"))
+        check(self.xpos_value_centre == "fixed" or (self.rotate_values and self.kind == "xpos"),
+              "position.xpos_value_centre='call' needs position.kind='xpos' and position.rotate_values=true")
 
     @property
     def rotary(self) -> bool:
@@ -138,7 +154,7 @@ class NormConfig:
 @dataclass
 class MLPConfig:
     kind: str = "swiglu"
-    """'swiglu', 'geglu', 'gelu' or 'relu'."""
+    """'swiglu', 'geglu' (gated), 'gelu', 'silu' or 'relu' (plain)."""
     hidden_dim: Optional[int] = None
     """Hidden width; None means 4*dim for plain MLPs and 8/3*dim rounded up to multiple_of for GLUs."""
     multiple_of: int = 64
@@ -146,7 +162,7 @@ class MLPConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        _one_of("mlp.kind", self.kind, ("swiglu", "geglu", "gelu", "relu"))
+        _one_of("mlp.kind", self.kind, ("swiglu", "geglu", "gelu", "silu", "relu"))
         check(self.hidden_dim is None or self.hidden_dim >= 1, "mlp.hidden_dim must be >= 1")
         check(self.multiple_of >= 1, "mlp.multiple_of must be >= 1")
         check(0.0 <= self.dropout < 1.0, "mlp.dropout must be in [0, 1)")
@@ -174,6 +190,9 @@ class BlockConfig:
     checkpoint_activations: bool = False
     """Recompute each block in the backward pass to save activation memory."""
     residual_dropout: float = 0.0
+    residual_gain: bool = False
+    """A learned per-channel gain (init 1) on each skip path, times DeepNorm's alpha where that
+    applies (x-transformers' scale_residual, which its deepnorm turns on)."""
 
     def __post_init__(self):
         check(self.shift_tokens >= 0, "block.shift_tokens must be >= 0")
@@ -319,6 +338,8 @@ class ModelConfig:
     dim: int = 256
     depth: int = 4
     tie_embeddings: bool = False
+    head_bias: bool = False
+    """A bias on the output head (x-transformers' to_logits has one)."""
     embed_dropout: float = 0.0
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -358,6 +379,8 @@ class ModelConfig:
         check(p.alibi_heads <= a.heads, f"position.alibi_heads ({p.alibi_heads}) exceeds attention.heads ({a.heads})")
         if self.norm.placement == "deepnorm":
             check(not self.block.parallel, "norm.placement='deepnorm' does not combine with block.parallel")
+        check(not (self.block.residual_gain and self.block.parallel),
+              "block.residual_gain is per sublayer; it does not combine with block.parallel")
         if self.block.shift_tokens:
             check(self.dim >= self.block.shift_tokens + 1,
                   f"block.shift_tokens={self.block.shift_tokens} needs dim >= {self.block.shift_tokens + 1}")
@@ -393,6 +416,9 @@ class ModelConfig:
         if self.mod is not None:
             check(self.norm.placement == "pre",
                   "Mixture-of-Depths needs norm.placement='pre' (it scales the block's residual update)")
+            check(self.position.xpos_value_centre == "fixed",
+                  "position.xpos_value_centre='call' does not combine with Mixture-of-Depths "
+                  "(routing changes where a block's call ends); use 'fixed'")
 
     @property
     def plan(self) -> tuple[layer_plan.LayerSpec, ...]:

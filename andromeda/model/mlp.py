@@ -1,4 +1,4 @@
-"""Dense feed-forward layers: gated (SwiGLU, GeGLU; Shazeer 2020) and plain (GELU, ReLU).
+"""Dense feed-forward layers: gated (SwiGLU, GeGLU; Shazeer 2020) and plain (GELU, SiLU, ReLU).
 
 Offers `GatedMLP`, `PlainMLP` and `dense_ffn(cfg, layer_idx)`, the 'dense' entry of the FFN
 table in andromeda.model.plan (the kind of `mlp.kind` decides which of the two).
@@ -14,7 +14,7 @@ from andromeda.model.config import ModelConfig
 from andromeda.model.layer import FFN, InitRule
 from andromeda.model.linear import make_linear
 
-ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
 
 class GatedMLP(FFN):

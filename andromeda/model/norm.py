@@ -1,4 +1,5 @@
-"""Normalisation layers: RMSNorm (Zhang & Sennrich 2019) and LayerNorm, built by name."""
+"""Normalisation layers, built by name: RMSNorm (Zhang & Sennrich 2019), LayerNorm, and L2Norm
+(unit Euclidean norm, for cosine-similarity QK-norm as x-transformers computes it)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,24 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class L2Norm(nn.Module):
+    """x / max(||x||, 1e-12) times an optional per-dim gain (x-transformers' l2norm + qk_norm_dim_scale)."""
+
+    def __init__(self, dim: int, affine: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, p=2.0, dim=-1)
+        return x * self.weight if self.weight is not None else x
+
+
 def build_norm(cfg: NormConfig, dim: int, kind: str | None = None, affine: bool = True) -> nn.Module:
     kind = kind or cfg.kind
     if kind == "rms":
         return RMSNorm(dim, cfg.eps, affine)
     if kind == "layer":
         return LayerNorm(dim, cfg.eps, affine, cfg.bias)
+    if kind == "l2":
+        return L2Norm(dim, affine)
     raise ValueError(f"unknown norm kind {kind!r}")

@@ -3,15 +3,17 @@
 - `rope_inverse_frequencies(cfg, head_dim, max_seq_len)`: RoPE frequencies after 'linear'
   (Chen et al. 2023, position interpolation), 'ntk' (NTK-aware base change), 'yarn'
   (Peng et al. 2023) or 'llama3' scaling, plus the attention factor YaRN asks for.
-- `Rotary`: turns absolute positions into (cos, sin[, xpos scale]) once per forward; the
-  same tables serve every layer. Positions may be a tensor, so cached decoding and compiled
-  decoding share one code path.
+- `Rotary`: turns absolute positions into (cos, sin[, xpos scales][, value gain]) once per
+  forward; the same tables serve every layer. Positions may be a tensor, so cached decoding and
+  compiled decoding share one code path.
 - `apply_rotary(x, cos, sin)`: the rotate-half convention of GPT-NeoX / Llama, so Hugging Face
-  weights load without permuting q and k.
+  weights load without permuting q and k; `scale_rotary_part(x, gain)` scales the rotary channels.
 - `alibi_slopes(n)`: the head slopes of Press et al. 2021 ("Train Short, Test Long").
 
 Positions are absolute token indices; all schemes here depend only on differences of
-positions in the attention score, which is what makes cached decoding exact.
+positions in the attention score, which is what makes cached decoding exact. Rotated values
+(`position.rotate_values`, for x-transformers 1.16 models) depend on absolute positions, which a
+cache also reproduces, and with `xpos_value_centre='call'` on where a call ends, which it cannot.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from andromeda.errors import ConfigError
 from andromeda.model.config import ModelConfig, PositionConfig
 from andromeda.model.layer import DerivedBuffers
 
@@ -75,7 +78,9 @@ class RotaryTables(NamedTuple):
     cos: torch.Tensor  # (B or 1, 1, L, rot_dim) in the compute dtype
     sin: torch.Tensor  # (B or 1, 1, L, rot_dim)
     xpos_q: Optional[torch.Tensor]  # (B or 1, 1, L, rot_dim) multiplier for q, None without xPos
-    xpos_k: Optional[torch.Tensor]  # multiplier for k
+    xpos_k: Optional[torch.Tensor]  # multiplier for k (and for values when they are rotated)
+    rotate_values: bool = False  # rotate v like k (position.rotate_values)
+    value_gain: Optional[torch.Tensor] = None  # (B or 1, 1, 1, rot_dim) on the attention output (call centre)
 
 
 class Rotary(DerivedBuffers, nn.Module):
@@ -89,7 +94,11 @@ class Rotary(DerivedBuffers, nn.Module):
         self.xpos = p.kind == "xpos"
         self.xpos_base = p.xpos_scale_base
         self.xpos_max_power = p.xpos_max_power
-        # Centre the xPos exponent on the trained context so q and k scales stay near 1 there.
+        self.rotate_values = p.rotate_values
+        self.call_centred_values = self.rotate_values and self.xpos and p.xpos_value_centre == "call"
+        # Centre the xPos exponent on the trained context so q and k scales stay near 1 there. With
+        # rotated values it is also where their scale is 1: x-transformers' centre on a call of
+        # max_seq_len tokens (position.xpos_value_centre='fixed').
         self.xpos_centre = cfg.max_seq_len // 2
         self.register_buffer("inv_freq", None, persistent=False)
         self.register_buffer("xpos_zeta", None, persistent=False)
@@ -113,21 +122,38 @@ class Rotary(DerivedBuffers, nn.Module):
             zeta = (half + 0.4 * self.rot_dim) / (1.4 * self.rot_dim)  # per-frequency decay base < 1
             self.xpos_zeta = torch.cat([zeta, zeta]).to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+    def _xpos_scale(self, positions: torch.Tensor) -> torch.Tensor:
+        """zeta ** ((n - centre) / scale_base) for positions (B or 1, L) -> (B or 1, 1, L, rot)."""
+        power = (positions.float() - self.xpos_centre) / self.xpos_base
+        return self.xpos_zeta ** power.clamp(-self.xpos_max_power, self.xpos_max_power)[:, None, :, None]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, cached: bool = False) -> RotaryTables:
         """positions (B or 1, L) -> tables (B or 1, 1, L, rot) that broadcast over the heads of
-        q and k (B, H, L, hd); a plain (L,) vector gives (L, rot) tables (references in tests)."""
+        q and k (B, H, L, hd); a plain (L,) vector gives (L, rot) tables (references in tests).
+        `cached` (a call with an inference cache) is refused with call-centred values."""
         if positions.dim() == 1:
-            return RotaryTables(*(t[0, 0] if t is not None else None for t in self(positions[None], dtype)))
+            tables = self(positions[None], dtype, cached)
+            return RotaryTables(*(t[0, 0] if isinstance(t, torch.Tensor) else t for t in tables))
         freqs = positions.float()[:, None, :, None] * self.inv_freq  # (B or 1, 1, L, rot/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos = (emb.cos() * self.attn_factor).to(dtype)
         sin = (emb.sin() * self.attn_factor).to(dtype)
         if not self.xpos:
-            return RotaryTables(cos, sin, None, None)
-        power = ((positions.float() - self.xpos_centre) / self.xpos_base)
-        power = power.clamp(-self.xpos_max_power, self.xpos_max_power)[:, None, :, None]
-        scale = self.xpos_zeta ** power  # (B or 1, 1, L, rot)
-        return RotaryTables(cos, sin, scale.to(dtype), scale.reciprocal().to(dtype))
+            return RotaryTables(cos, sin, None, None, self.rotate_values)
+        scale = self._xpos_scale(positions)  # (B or 1, 1, L, rot)
+        value_gain = None
+        if self.call_centred_values:
+            # x-transformers 1.16 scales v_j by zeta^-((j - c) / scale_base) with c = length // 2 of
+            # the call. Values are scaled like keys, about the fixed centre; the difference,
+            # zeta^((c - centre) / scale_base) per channel, passes through the attention weights
+            # and is applied to the output. It changes every hidden state of a call whenever c
+            # does, so no KV cache can carry it from one call to the next.
+            if cached:
+                raise ConfigError("position.xpos_value_centre='call' makes logits depend on where a call ends, "
+                                  "which a KV cache cannot reproduce; decode with xpos_value_centre='fixed'")
+            ends = positions[:, -1:] + 1  # (B or 1, 1)
+            value_gain = self._xpos_scale(torch.div(ends, 2, rounding_mode="floor")).to(dtype)
+        return RotaryTables(cos, sin, scale.to(dtype), scale.reciprocal().to(dtype), self.rotate_values, value_gain)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +173,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if scale is not None:
         out = out * scale
     return torch.cat([out, x_pass], dim=-1)
+
+
+def scale_rotary_part(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Multiply the first gain.shape[-1] channels of x (B, H, L, hd) by gain; the rest pass."""
+    rot = gain.shape[-1]
+    if rot == x.shape[-1]:
+        return x * gain
+    return torch.cat([x[..., :rot] * gain, x[..., rot:]], dim=-1)
 
 
 def alibi_slopes(n: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.plan)
         # Post-norm and DeepNorm blocks end in a norm already.
         self.norm = build_norm(cfg.norm, cfg.dim) if cfg.norm.placement == "pre" else nn.Identity()
-        self.head = make_linear(cfg, "head", cfg.dim, cfg.vocab_size, bias=False)
+        self.head = make_linear(cfg, "head", cfg.dim, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.checkpointing = cfg.block.checkpoint_activations
@@ -110,7 +110,7 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos.ids)
         x = self.embed_dropout(x)
-        rotary = self.rotary(pos.ids, x.dtype) if self.rotary is not None else None
+        rotary = self.rotary(pos.ids, x.dtype, cached=cache is not None) if self.rotary is not None else None
         ctx = Context(pos, rotary, report=cache is None)
         aux = Aux()
         for i, layer in enumerate(self.layers):

@@ -17,6 +17,8 @@ from andromeda import devices
 from andromeda.errors import ConfigError, check
 
 DTYPES = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
+OFFLOAD = ("none", "cpu")
 
 
 
@@ -25,7 +27,8 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps of the whole run (the schedule is laid over these)."""
     batch_size: int = 16
-    """Sequences per micro-batch; the global batch is batch_size * grad_accum."""
+    """Sequences per micro-batch on each rank; the global batch is batch_size * grad_accum *
+    world size (the number of torchrun processes)."""
     grad_accum: int = 1
     """Micro-batches whose gradients add up to one optimizer step."""
     auto_batch: bool = False
@@ -52,6 +55,13 @@ class TrainConfig:
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
     compile: bool = False
     """torch.compile the model (applied from outside, see parallel.py)."""
+    parallel: str = "ddp"
+    """Under torchrun: 'ddp' (every rank holds the whole model) or 'fsdp' (FSDP2: parameters,
+    gradients and optimizer state sharded over the ranks; checkpoints sharded too). 'fsdp'
+    without torchrun runs as a world of one."""
+    offload: str = "none"
+    """With parallel=fsdp: 'cpu' keeps parameter shards, gradients and optimizer state in host
+    memory and runs the optimizer there; 'none' keeps them on the device."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA for the fp32 parts."""
     device: str = "auto"
@@ -85,6 +95,14 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         check(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        check(self.parallel in PARALLEL,
+              f"train.parallel={self.parallel!r} is not supported; choose one of {', '.join(PARALLEL)}")
+        check(self.offload in OFFLOAD,
+              f"train.offload={self.offload!r} is not supported; choose one of {', '.join(OFFLOAD)}")
+        check(self.offload == "none" or self.parallel == "fsdp",
+              "train.offload=cpu needs train.parallel=fsdp (DDP keeps the whole model on the device)")
+        check(not (self.auto_batch and self.parallel == "fsdp"),
+              "--batch-size auto is not supported with train.parallel=fsdp; give train.batch_size")
         check(self.log_every >= 1, "train.log_every must be >= 1")
         check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
         check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
@@ -95,6 +113,7 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
+        """Sequences per optimizer step on one rank (times the world size for the whole run)."""
         return self.batch_size * self.grad_accum
 
     def to_dict(self) -> dict:

@@ -30,7 +30,9 @@ from andromeda.model.transformer import Transformer, build_model
 from andromeda.presets import preset_dict, preset_training
 from andromeda.train import checkpoint as ckpt
 from andromeda.train.config import TrainConfig, resolve_device, split_overrides, training_dtype
+from andromeda.train.interrupt import GracefulStop
 from andromeda.train.parallel import DistInfo, init_distributed, shutdown_distributed
+from andromeda.train.resume import resume_point
 
 DEFAULT_SEED = 1337
 
@@ -64,10 +66,10 @@ def resolve_run(args) -> RunPlan:
     run_dir = Path(args.out)
     saved = read_json(run_dir / ckpt.RUN_CONFIG, "run config") if (run_dir / ckpt.RUN_CONFIG).exists() else {}
     resume_from = None
-    if ckpt.step_checkpoints(run_dir):
-        if not args.resume:
-            raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
-        resume_from = ckpt.newest_checkpoint(run_dir)
+    if args.resume:
+        resume_from = resume_point(run_dir)  # refuses when every checkpoint is damaged
+    elif ckpt.step_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
     base = saved if args.resume else {}
 
     model_dict, train_dict = base.get("model"), dict(base.get("train") or {})
@@ -79,6 +81,10 @@ def resolve_run(args) -> RunPlan:
     elif args.config:
         data = read_json(Path(args.config), "config file")
         if "model" in data:
+            for key in ("model", "train"):
+                if not isinstance(data.get(key) or {}, dict):
+                    raise ConfigError(f"{key} in {args.config} must be a mapping of its fields, "
+                                      f"got {type(data[key]).__name__} {data[key]!r}")
             model_dict, train_dict = data["model"], {**train_dict, **(data.get("train") or {})}
         else:
             model_dict = data
@@ -86,6 +92,9 @@ def resolve_run(args) -> RunPlan:
         model_dict = read_config(init)["model"]
     if model_dict is None and init is not None:
         model_dict = read_config(init)["model"]
+    if model_dict is None and args.resume:
+        raise UserError(f"nothing to resume: {run_dir} holds no checkpoint and no {ckpt.RUN_CONFIG}; "
+                        "start the run with --preset NAME or --config FILE (without --resume)")
     if model_dict is None:
         raise UserError("give a model: --preset NAME, --config FILE or --init CKPT (or --resume an existing run)")
 
@@ -121,7 +130,7 @@ def resolve_run(args) -> RunPlan:
 
     seed = args.seed if args.seed is not None else base.get("seed", DEFAULT_SEED)
     device = resolve_device(train_cfg)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, train_cfg.parallel)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     return RunPlan(run_dir, model_cfg, train_cfg, data_dir, sft, init, seed, resume_from, dist, device,
@@ -169,7 +178,18 @@ def _build_model(plan: RunPlan) -> Transformer:
         model = build_model(plan.model_cfg, device="meta")
         load_weights(model, load_file(str(weights)), str(weights))
         return model
-    return Transformer(plan.model_cfg)
+    # Built on the meta device and initialised once (not twice, as constructing on the CPU
+    # does), so the init draws only init_weights' random numbers, which a sharded model draws
+    # the same way (parallel.apply_fsdp materialises an FSDP model shard by shard): one seed,
+    # one model, whatever the parallelism.
+    model = build_model(plan.model_cfg, device="meta")
+    if plan.train_cfg.parallel == "fsdp":
+        return model
+    model.to_empty(device="cpu")
+    if plan.model_cfg.tie_embeddings:
+        model.head.weight = model.embed.weight  # to_empty unties
+    model.init_weights()
+    return model
 
 
 def _tokenizer(plan: RunPlan):
@@ -234,9 +254,9 @@ def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = 
     from andromeda.train.trainer import Trainer
 
     try:
-        if plan.is_main:
-            _write_run_config(plan)
-            ckpt.clean_partial(plan.run_dir)
+        if plan.resume_from is not None:  # before anything is written
+            from andromeda.train.distributed_checkpoint import check_resume
+            check_resume(plan.resume_from, plan.model_cfg, plan.train_cfg, plan.dist.world)
         _prepare_default(plan)
         tokenizer = _tokenizer(plan)
         _check_vocab(plan, tokenizer)
@@ -252,10 +272,38 @@ def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = 
                           meta=meta, dist=plan.dist, progress=progress)
         if plan.resume_from is not None:
             trainer.resume(plan.resume_from)
-            if plan.is_main:
-                print(f"resumed from {plan.resume_from} (step {trainer.step})", flush=True)
-        elif plan.is_main and plan.resume_requested:
-            print(f"no checkpoint in {plan.run_dir} yet; starting from step 0", flush=True)
-        return trainer.fit(stop_after=stop_after)
+        # Every check has passed: only now does the run folder change.
+        if plan.is_main:
+            _write_run_config(plan)
+            ckpt.clean_partial(plan.run_dir)
+            print(_summary(plan, model), flush=True)
+            if plan.resume_from is not None:
+                print(f"resuming from {plan.resume_from} at step {trainer.step} of {plan.train_cfg.max_steps}",
+                      file=sys.stderr, flush=True)
+            elif plan.resume_requested:
+                print(f"--resume: no checkpoint in {plan.run_dir} yet; starting from step 0", file=sys.stderr,
+                      flush=True)
+        with GracefulStop() as stop:
+            return trainer.fit(stop_after=stop_after, should_stop=lambda: _agreed(stop.signum, plan))
     finally:
         shutdown_distributed(plan.dist)
+
+
+def _summary(plan: RunPlan, model: Transformer) -> str:
+    """The one line `train` prints before it starts; the full config is in run_config.json."""
+    m, t = plan.model_cfg, plan.train_cfg
+    params = sum(p.numel() for p in model.parameters())
+    seq_len = t.seq_len or m.max_seq_len
+    return (f"train: {params / 1e6:.2f}M parameters ({m.depth} layers x {m.dim}), {t.max_steps} steps of "
+            f"{t.batch_size * t.grad_accum} x {seq_len} tokens, lr {t.lr:g}, seed {plan.seed}, on {plan.device}; "
+            f"full config: {plan.run_dir / ckpt.RUN_CONFIG}")
+
+
+def _agreed(signum: Optional[int], plan: RunPlan) -> Optional[int]:
+    """The stop request, made the same on every rank (a signal may reach only some of them)."""
+    if plan.dist.world == 1:
+        return signum
+    import torch.distributed as dist
+    flag = torch.tensor([signum or 0], device=plan.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) or None

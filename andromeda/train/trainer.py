@@ -30,11 +30,13 @@ from andromeda.model.compat import upgrade_state_dict
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
 from andromeda.train import checkpoint as ckpt
+from andromeda.train import distributed_checkpoint as dcp_ckpt
 from andromeda.train.config import TrainConfig, training_dtype
 from andromeda.train.flops import device_peak_flops, flops_per_token, mfu
+from andromeda.train.interrupt import TrainingInterrupted
 from andromeda.train.metrics import MetricsLog, routing_metrics
 from andromeda.train.optim import build_optimizer
-from andromeda.train.parallel import DistInfo, all_gather, compile_model, no_sync, wrap_ddp
+from andromeda.train.parallel import DistInfo, all_gather, no_sync, parallelize, plain
 from andromeda.train.schedule import lr_at, warmup_steps
 from andromeda.train.sft import IGNORE
 
@@ -90,11 +92,11 @@ class Trainer:
         if device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.raw.to(device).train()
+        # DDP wraps the model; FSDP shards it in place (self.raw is then self.model), and
+        # materialises it when it was built on the meta device.
+        self.model = parallelize(self.raw, cfg, self.dist, device, self.dtype)
+        self.raw.train()
         self.optimizer = build_optimizer(self.raw, cfg)
-        if cfg.compile:
-            compile_model(self.raw)
-        self.model = wrap_ddp(self.raw, self.dist, device)
         self.warmup = warmup_steps(cfg.max_steps, cfg.warmup_frac)
         self.step, self.best_val, self.elapsed, self.tokens_seen = 0, math.inf, 0.0, 0
         self.flops_per_token = flops_per_token(self.raw, self.seq_len)
@@ -113,11 +115,15 @@ class Trainer:
             diff = _dict_diff(saved, self.raw.cfg.to_dict())
             raise UserError(f"cannot resume from {folder}: it was trained with another model config "
                             f"({diff}); use the same --preset/--config/--set or a new --out")
-        weights = upgrade_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)), stored)
-        if self.raw.cfg.tie_embeddings:
-            weights["head.weight"] = weights["embed.weight"]
-        self.raw.load_state_dict(weights, strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.parallel == "fsdp" or dcp_ckpt.is_sharded(folder):  # resharded as needed
+            dcp_ckpt.load_training_state(folder, self.raw, self.optimizer, state)
+        else:
+            weights = upgrade_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)),
+                                         stored)
+            if self.raw.cfg.tie_embeddings:
+                weights["head.weight"] = weights["embed.weight"]
+            self.raw.load_state_dict(weights, strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.best_val = int(state["step"]), float(state["best_val"])
         self.elapsed, self.tokens_seen = float(state["elapsed_s"]), int(state["tokens_seen"])
         rank = min(self.dist.rank, len(state["rng"]) - 1)
@@ -135,8 +141,14 @@ class Trainer:
 
     def save(self, is_best: bool) -> Path:
         state = self._train_state()  # every rank takes part in the gather
+        meta = dict(self.meta, step=self.step, best_val=_finite_or_none(self.best_val), world=self.dist.world)
+        if self.cfg.parallel == "fsdp":  # every rank writes its own shards
+            del state["optimizer"]  # sharded next to the weights
+            self.last_saved = dcp_ckpt.save_sharded(self.run_dir, self.step, self.raw, self.optimizer,
+                                                    self.tokenizer, meta, state, is_best, self.cfg.keep_last,
+                                                    self.dist)
+            return self.last_saved
         if self.dist.main:
-            meta = dict(self.meta, step=self.step, best_val=_finite_or_none(self.best_val))
             ckpt.save_step(self.run_dir, self.step, self.raw, self.tokenizer, meta, state, is_best,
                            self.cfg.keep_last)
         if self.dist.world > 1:
@@ -167,7 +179,7 @@ class Trainer:
             loss_sum += loss.detach()
             aux_sum += aux.detach() if torch.is_tensor(aux) else aux
             self.tokens_seen += x.numel() * self.dist.world
-        norm = (torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+        norm = (plain(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip))
                 if cfg.grad_clip > 0 else torch.zeros((), device=self.device))
         stats = torch.stack([loss_sum.float(), norm.float().to(self.device), aux_sum.float()])
         if self.dist.world > 1:  # every rank logs, checks and stops on the same global numbers
@@ -195,9 +207,11 @@ class Trainer:
         return sum(all_gather(val, self.dist)) / self.dist.world
 
     # ----- the loop ----------------------------------------------------------------------
-    def fit(self, stop_after: Optional[int] = None) -> Path:
+    def fit(self, stop_after: Optional[int] = None,
+            should_stop: Optional[Callable[[], Optional[int]]] = None) -> Path:
         """Train until max_steps (or until step `stop_after`, checkpointed, for split runs)
-        and return the final checkpoint folder."""
+        and return the final checkpoint folder. `should_stop()`, asked after every step,
+        returns a signal number to save a checkpoint and raise TrainingInterrupted."""
         cfg, end = self.cfg, min(self.cfg.max_steps, stop_after or self.cfg.max_steps)
         log = MetricsLog(self.run_dir, self.step, cfg.tensorboard, enabled=self.dist.main)
         bar = self._progress_bar()
@@ -224,12 +238,18 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 self._validate_and_save(log, final=self.step == end)
+                signum = should_stop() if should_stop is not None else None
+                if signum is not None and self.step < end:
+                    raise TrainingInterrupted(signum, self.step, self._save_if_unsaved())
         finally:
             if bar is not None:
                 bar.close()
             log.close()
+        return self._save_if_unsaved()  # e.g. a resumed run that was already complete
+
+    def _save_if_unsaved(self) -> Path:
         if self.last_saved is None or self.last_saved.name != ckpt.step_dir(self.run_dir, self.step).name:
-            self.save(is_best=False)  # e.g. a resumed run that was already complete
+            self.save(is_best=False)
         return ckpt.step_dir(self.run_dir, self.step)
 
     def _validate_and_save(self, log: MetricsLog, final: bool) -> None:
