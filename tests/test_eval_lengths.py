@@ -68,3 +68,34 @@ def test_cli_lengths_json_and_bad_inputs(tmp_path, capsys):
                  "--lengths", "8,16"]) == 2
     assert "too short" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(tmp_path / "rope"), "--data", data, "--lengths", "8,x"]) == 2
+
+
+def test_cli_lengths_table_plot_and_one_line_errors(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(TEXT)
+    (tmp_path / "empty.txt").write_text("")
+    save_checkpoint(tmp_path / "rope", _model(), ByteTokenizer())
+    ckpt, data = str(tmp_path / "rope"), str(tmp_path / "t.txt")
+    png = tmp_path / "len.png"
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", ckpt, "--data", data, "--lengths", "8,16,32", "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["length", "loss", "perplexity", "tokens"]
+    table = [line.split() for line in lines[1:]]
+    assert [int(r[0]) for r in table] == [8, 16, 32] and len({r[3] for r in table}) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The table shows what --json reports.
+    assert main(["eval", "--ckpt", ckpt, "--data", data, "--lengths", "8,16,32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [f"{r['loss']:.4f}" for r in rows] == [r[1] for r in table]
+    # Bad input: one line on stderr, exit 2, before any scoring.
+    for argv, words in [
+        (["--data", str(tmp_path / "empty.txt"), "--lengths", "8,16"], "no text"),
+        (["--data", data, "--lengths", "8,16", "--plot", str(tmp_path / "len.txt")], ".png"),
+        (["--data", data, "--lengths", "8,16", "--plot", str(tmp_path / "no" / "x.png")], "does not exist"),
+        (["--data", data, "--plot", str(png)], "--lengths"),
+        (["--data", data, "--lengths", "8,64"], "position.rope_factor >= 2"),
+        (["--data", data, "--lengths", "1,8"], ">= 2"),
+    ]:
+        assert main(["eval", "--ckpt", ckpt] + argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (argv, err)

@@ -12,6 +12,7 @@ examples:
   andromeda eval --ckpt runs/shk/checkpoints/best --data data/shk
   andromeda eval --ckpt ckpt --data held_out.txt --seq-len 512 --stride 256 --json
   andromeda eval --ckpt ckpt --data held_out.txt --lengths 256,512,1024 --json
+  andromeda eval --ckpt ckpt --data held_out.txt --lengths 256,512,1024,2048,4096 --plot len.png
 
 --lengths L1,L2,... scores the same target tokens at every length (sliding windows; see
 andromeda/eval/lengths.py) and prints one row per length.
@@ -27,7 +28,7 @@ import torch
 from andromeda.checkpoint import load_checkpoint
 from andromeda.devices import resolve_device
 from andromeda.errors import UserError
-from andromeda.eval.lengths import evaluate_lengths
+from andromeda.eval.lengths import check_plot_path, evaluate_lengths, plot_lengths
 from andromeda.eval.perplexity import DOC_STARTS, evaluate, load_eval_tokens
 
 
@@ -52,6 +53,8 @@ def add_arguments(p) -> None:
                    help="loss at each context length on the same targets (--stride defaults to half the shortest)")
     p.add_argument("--allow-extrapolation", action="store_true",
                    help="with --lengths: measure lengths beyond max_seq_len even without rope scaling")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="with --lengths: also write loss against length as a PNG (needs matplotlib)")
 
 
 def run(args) -> int:
@@ -60,6 +63,10 @@ def run(args) -> int:
     for flag, value in (("--seq-len", args.seq_len), ("--stride", args.stride), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:  # 0 is not a shorthand for the default: leave the flag out
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.plot is not None and args.lengths is None:
+        raise UserError("--plot draws the --lengths curve; add --lengths L1,L2,...")
+    if args.plot is not None:
+        check_plot_path(args.plot)
     model, tokenizer, _ = load_checkpoint(args.ckpt, device=device, dtype=dtype)
     if tokenizer is None:
         raise UserError(f"checkpoint {args.ckpt} has no tokenizer; cannot read text for it")
@@ -92,4 +99,7 @@ def _run_lengths(args, model, data) -> int:
         print(f"{'length':>8} {'loss':>8} {'perplexity':>11} {'tokens':>8}")
         for r in rows:
             print(f"{r['length']:>8} {r['loss']:>8.4f} {r['perplexity']:>11.3f} {r['tokens']:>8}")
+    if args.plot:
+        path = plot_lengths({str(args.ckpt): rows}, args.plot, title=f"{args.ckpt}: loss against context length")
+        print(f"plot written to {path}", file=sys.stderr)
     return 0

@@ -4,12 +4,16 @@
 of L input tokens that each score their last `stride` tokens, so every length predicts exactly
 the same tokens and each prediction sees between L - stride + 1 and L tokens of context.
 Differences between rows are therefore due to context length alone.
+
+`plot_lengths` draws one or more such curves (loss against length, log-2 length axis) with
+matplotlib (the `plot` extra); benchmarks/long_context_plot.py uses it for several models.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,3 +67,39 @@ def evaluate_lengths(model, data, lengths: Sequence[int], stride: Optional[int] 
         rows.append({"length": length, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count})
     model.train(was_training)
     return rows
+
+
+def check_plot_path(out) -> Path:
+    """Refuse a bad --plot destination before any scoring is spent."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--plot writes a PNG; give a file name ending in .png, got {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"--plot: folder {out.parent} does not exist")
+    return out
+
+
+def plot_lengths(curves: Mapping[str, Sequence[dict]], out, title: str = "") -> Path:
+    """Write a PNG of loss against context length, one line per entry of `curves`."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'andromeda[plot]'") from None
+    out = check_plot_path(out)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in curves.items():
+        ax.plot([r["length"] for r in rows], [r["loss"] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("loss (nats/token), same targets")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
