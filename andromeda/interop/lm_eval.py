@@ -55,6 +55,8 @@ class AndromedaLM(TemplateLM):
             raise UserError(f"unknown --model_args for andromeda: {', '.join(sorted(unused))} "
                             f"(known: ckpt, max_length, dtype)")
         self._device = resolve_device(device)
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         torch_dtype = getattr(torch, dtype) if dtype else None
         self.model, self.tokenizer, _ = load_checkpoint(ckpt, device=self._device, dtype=torch_dtype)
         self.model.eval()
