@@ -67,7 +67,7 @@ done
 ev() {  # name, checkpoint, extra flags
   local name=$1 ckpt=$2; shift 2
   [ -f "$OUT/eval-$name.json" ] || andromeda eval --ckpt "$ckpt" --data "$OUT/val.txt" --lengths "$LENGTHS" \
-      --device cpu --json "$@" > "$OUT/eval-$name.json"
+      --device cpu --json "$@" > "$OUT/eval-$name.json.tmp" && mv "$OUT/eval-$name.json.tmp" "$OUT/eval-$name.json"
 }
 ev rope "$OUT/rope/checkpoints/latest" --allow-extrapolation
 for s in linear ntk yarn; do ev "rope-$s-zero" "$OUT/rope-$s-zero"; done

@@ -88,7 +88,7 @@ def plot_lengths(curves: Mapping[str, Sequence[dict]], out, title: str = "") -> 
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'andromeda[plot]'") from None
     out = check_plot_path(out)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5) if len(curves) > 1 else (7, 4.5))
     for label, rows in curves.items():
         ax.plot([r["length"] for r in rows], [r["loss"] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
@@ -98,7 +98,7 @@ def plot_lengths(curves: Mapping[str, Sequence[dict]], out, title: str = "") -> 
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if len(curves) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves cross anywhere
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
