@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("andromeda.commands.eval", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("andromeda.commands.generate", "generate text from a checkpoint"),
     "chat": ("andromeda.commands.chat", "interactive chat with a checkpoint"),
+    "serve": ("andromeda.commands.serve", "serve a checkpoint with the OpenAI API (continuous batching)"),
     "convert": ("andromeda.commands.convert",
                 "convert between Hugging Face folders and andromeda checkpoints; import x-transformers"),
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),

@@ -28,7 +28,7 @@ from typing import Optional
 from andromeda.errors import UserError
 
 # The commands that compute on the CPU and take --threads.
-THREADED_COMMANDS = frozenset({"train", "eval", "generate", "chat"})
+THREADED_COMMANDS = frozenset({"train", "eval", "generate", "chat", "serve"})
 SAMPLE_S = 0.1  # long enough for a few scheduler ticks per core, short beside torch's import
 SHORT_SPIN = "10000"  # libgomp spin iterations before sleeping; its default is 300000, passive 0
 _sampled_free: Optional[int] = None  # free cores measured by choose_wait_policy, reused once

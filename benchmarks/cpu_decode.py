@@ -66,6 +66,13 @@ def time_andromeda(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[
     return elapsed, result.token_ids
 
 
+def greedy_agreement(reference: list[int], ours: list[int]) -> int:
+    """Length of the common prefix, counting a missing token as a difference (a shorter
+    continuation does not agree with a longer one past its end)."""
+    n = max(len(reference), len(ours))
+    return next((i for i in range(n) if i >= min(len(reference), len(ours)) or reference[i] != ours[i]), n)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1,
@@ -94,7 +101,7 @@ def main(argv=None) -> dict:
         diff = (hf(prompt).logits - ours(prompt)).abs().max().item()
     _, hf_tokens = time_hf(hf, prompt, args.new_tokens)
     _, our_tokens = time_andromeda(engine, prompt[0].tolist(), args.new_tokens)
-    agree = next((i for i, (a, b) in enumerate(zip(hf_tokens, our_tokens)) if a != b), len(hf_tokens))
+    agree = greedy_agreement(hf_tokens, our_tokens)
 
     hf_times, our_times = [], []
     for _ in range(args.repeats):

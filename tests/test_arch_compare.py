@@ -94,7 +94,7 @@ def test_table_and_plot(ac, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
 
 
-def test_mod_diagnostics(ac, tmp_path):
+def test_mod_diagnostics(ac, tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("".join(chr(97 + (i * 5) % 11) for i in range(1200)))
     prepare([str(text)], tmp_path / "data", "char", val_fraction=0.1, progress=False)
@@ -107,8 +107,39 @@ def test_mod_diagnostics(ac, tmp_path):
     mod = Transformer(ModelConfig.from_dict(ac.model_dict("jamba-mod", 32, vocab=vocab, seq_len=16, dim=32, depth=4)))
     diag = ac.mod_diagnostics(mod, tmp_path / "data", 16)
     assert set(diag["mod_routed_eval"]) == set(diag["mod_predictor_acc"]) == {"layer0", "layer2"}
-    assert all(0.0 <= v <= 1.0 for v in [*diag["mod_routed_eval"].values(), *diag["mod_predictor_acc"].values()])
     assert math.isfinite(diag["val_loss_topk"]) and not mod.training
+    # Layer 0 by hand (ranges alone held for a version that reported zeros): the predictor's
+    # routed share at inference, and its agreement with the router's top-k of each window.
+    routed, agree = mod_layer0_by_hand(mod, tmp_path / "data", 16)
+    assert 0.0 < routed < 1.0 and 0.0 < agree < 1.0
+    assert diag["mod_routed_eval"]["layer0"] == pytest.approx(routed, abs=1e-6)
+    assert diag["mod_predictor_acc"]["layer0"] == pytest.approx(agree, abs=1e-6)
+    assert diag["val_loss_topk"] != pytest.approx(ac.val_loss_full(mod, tmp_path / "data", 16)[0], rel=1e-4)
+    # Negative control: a val_loss_full that ignores train_mode gives no agreement figures.
+    real = ac.val_loss_full
+    monkeypatch.setattr(ac, "val_loss_full", lambda *a, train_mode=False, **k: real(*a, **k))
+    broken = ac.mod_diagnostics(mod, tmp_path / "data", 16)
+    assert broken["mod_predictor_acc"] == {} and broken["val_loss_topk"] != diag["val_loss_topk"]
+
+
+def mod_layer0_by_hand(model, data_dir, seq_len):
+    """(share of validation tokens the predictor routes, share where predictor > 0 agrees with
+    the router's top ceil(capacity * L) of the window), from layer 0's inputs."""
+    from andromeda.data.loader import iter_eval_windows
+    route = model.layers[0].route
+    inputs = []
+    hook = route.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        for x, _, _ in iter_eval_windows(str(data_dir), "val", seq_len, 32):
+            model(x)
+        hook.remove()
+        routed = agree = count = 0
+        for h in inputs:
+            pred = route.predictor(h).squeeze(-1) > 0
+            top = route.router(h).squeeze(-1).topk(math.ceil(route.mcfg.capacity * h.shape[1]), dim=-1).indices
+            chosen = torch.zeros_like(pred).scatter(1, top, True)
+            routed, agree, count = routed + int(pred.sum()), agree + int((pred == chosen).sum()), count + pred.numel()
+    return routed / count, agree / count
 
 
 def test_missing_text_fails_before_creating_the_output_folder(ac, tmp_path):

@@ -109,6 +109,23 @@ def test_tiny_presets_run_on_cpu():
             assert out.shape == (1, 9, model.cfg.vocab_size) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["optimus-prime-tiny", "bitnet-tiny"])
+def test_tiny_presets_without_an_architecture_test_are_causal_and_cache_exactly(name):
+    """The test above only asks for finite logits of the right shape, which a model that saw
+    the future or kept a stale cache also gives; these two presets (activation checkpointing,
+    BitNet everywhere) had no causality or cached-decoding check elsewhere."""
+    from arch_checks import assert_cached_matches_full, assert_causal, tokens
+    torch.manual_seed(0)
+    model = build_model(get_preset(name))
+    assert_causal(model, tokens(2, 12), t=5)
+    assert_cached_matches_full(model, tokens(2, 12))
+    # Negative control: a model that forgets its cache between calls fails the same check.
+    real = model.forward
+    model.forward = lambda x, cache=None, **k: real(x, cache=cache and model.new_cache(len(x), 16), **k)
+    with pytest.raises(AssertionError):
+        assert_cached_matches_full(model, tokens(2, 12))
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "andromeda", *args], capture_output=True, text=True)
 

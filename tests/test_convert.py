@@ -304,3 +304,25 @@ def test_export_of_unsupported_architecture_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "position.kind='xpos'" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_no_tokenizer_and_export_dtype_options(tmp_path, hf_tokenizer):
+    """--no-tokenizer and --to-hf --dtype had no test: a command that ignored them passed."""
+    src = save_hf(tmp_path / "hf", make_llama(len(hf_tokenizer)), hf_tokenizer)
+    # A folder without tokenizer.json converts with --no-tokenizer (and is refused without it, above).
+    bare = save_hf(tmp_path / "bare", make_llama(len(hf_tokenizer)))
+    assert cli("--from-hf", bare, "--out", tmp_path / "bare_ckpt", "--no-tokenizer") == 0
+    assert load_checkpoint(tmp_path / "bare_ckpt")[1] is None
+    # With a tokenizer present, --no-tokenizer still leaves it out; without the flag it is kept.
+    assert cli("--from-hf", src, "--out", tmp_path / "with") == 0
+    assert cli("--from-hf", src, "--out", tmp_path / "without", "--no-tokenizer") == 0
+    assert load_checkpoint(tmp_path / "with")[1] is not None and load_checkpoint(tmp_path / "without")[1] is None
+    # Export: --no-tokenizer writes no tokenizer files, --dtype sets the stored weights' dtype.
+    assert cli("--to-hf", tmp_path / "with", "--out", tmp_path / "back") == 0
+    assert cli("--to-hf", tmp_path / "with", "--out", tmp_path / "back_bare", "--no-tokenizer",
+               "--dtype", "bfloat16") == 0
+    assert (tmp_path / "back" / "tokenizer.json").exists() and not (tmp_path / "back_bare" / "tokenizer.json").exists()
+    from safetensors.torch import load_file
+    dtypes = {t.dtype for f in (tmp_path / "back_bare").glob("*.safetensors") for t in load_file(f).values()}
+    assert dtypes == {torch.bfloat16}
+    assert {t.dtype for t in load_file(tmp_path / "back" / "model.safetensors").values()} == {torch.float32}

@@ -13,3 +13,13 @@ def test_benchmark_models_agree_before_they_are_timed():
                                                 "--new-tokens", "8", "--repeats", "1"])
     assert report["max_logit_diff"] < 1e-4
     assert report["greedy_tokens_agreeing"] == 8 == report["new_tokens"]
+
+
+def test_agreement_counts_a_missing_token_as_a_difference():
+    """The agreement used to be counted over zip(hf, ours), so an engine that returned fewer
+    tokens (none at all, even) reported full agreement."""
+    agreement = load_benchmark("cpu_decode").greedy_agreement
+    assert agreement([1, 2, 3], [1, 2, 3]) == 3
+    assert agreement([1, 2, 3], [1, 9, 3]) == 1
+    assert agreement([1, 2, 3], [1, 2]) == 2 and agreement([1, 2], [1, 2, 3]) == 2
+    assert agreement([1, 2, 3], []) == 0

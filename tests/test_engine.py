@@ -122,6 +122,9 @@ def test_stop_conditions_per_sequence():
     assert res[1].finish_reason == "stop"
     assert res[1].text == text1[:text1.index(stop)]
     assert stop not in res[1].text
+    # Sequence 0 is unaffected (the comment above said so; nothing checked it).
+    assert stop not in plain[0].text
+    assert res[0].token_ids == plain[0].token_ids and res[0].finish_reason == "length"
     # Budget.
     res = Engine(model, ByteTokenizer()).generate(["xyz"], GREEDY.replace(max_new_tokens=3))
     assert res[0].new_tokens == 3 and res[0].finish_reason == "length"
@@ -135,8 +138,11 @@ def test_streamed_text_equals_final_text():
         pieces[event.index].append(event.text)
         if event.result is not None:
             results[event.index] = event.result
+    generated = engine.generate(["one", "two two"], params)
     for i in (0, 1):
         assert "".join(pieces[i]) == results[i].text
+        # ...and is the text generate() gives (streams of nothing would agree with empty results).
+        assert results[i].text == generated[i].text and len(generated[i].text) >= 5
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "andromeda-tiny"])

@@ -109,6 +109,16 @@ def test_doc_ids_count_document_starts(data_dir):
     assert TokenLoader(data_dir, "train", 2, 8, doc_mask=None).doc_mask is False  # follows meta
 
 
+def test_doc_mask_none_follows_meta_either_way(data_dir, tmp_path):
+    """The check above only sees meta's False, which a loader that never masks also gives."""
+    for i in range(4):
+        (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 10)
+    prepare([str(tmp_path)], tmp_path / "masked", val_fraction=0.25, doc_mask=True, progress=False)
+    loader = TokenLoader(tmp_path / "masked", "train", 2, 8, doc_mask=None)
+    assert loader.doc_mask is True and loader.next_batch()[2] is not None
+    assert TokenLoader(data_dir, "train", 2, 8, doc_mask=None).next_batch()[2] is None
+
+
 def test_eval_windows_cover_the_split_once(data_dir):
     data = open_prepared(data_dir)
     tokens = data.val.read(0, len(data.val)).tolist()

@@ -85,6 +85,33 @@ def test_blockwise_fallback_tracks_float32_adamw():
     opt.load_state_dict(torch.load(buf, weights_only=True))
 
 
+def _steps(make, weight_decay, lrs):
+    """Three AdamW steps on one 64 x 64 weight with fixed gradients, the group's rate set before
+    each step as the trainer does."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    grads = [torch.randn(64, 64) for _ in lrs]
+    opt = make([p], lr=lrs[0], betas=(0.9, 0.95), weight_decay=weight_decay)
+    for lr, g in zip(lrs, grads):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = g
+        opt.step()
+    return p.detach()
+
+
+def test_blockwise_fallback_applies_weight_decay_and_the_current_rate():
+    """The test above cannot see weight decay (0.1 x 1e-3 over six steps is far inside its
+    tolerance) nor a rate read once at construction (it never changes the rate). Here both
+    move the weights by 0.08 to 0.3 while the 8-bit state costs about 0.003."""
+    lrs = [0.05, 0.01, 0.1]
+    eight_bit = lambda *a, **k: BlockwiseAdamW8bit(*a, min_8bit_size=256, **k)  # noqa: E731
+    ref = _steps(torch.optim.AdamW, 0.5, lrs)
+    assert (_steps(eight_bit, 0.5, lrs) - ref).abs().max() < 0.02
+    # Negative controls: the same comparison rejects no decay, and a rate that never changes.
+    assert (_steps(eight_bit, 0.0, lrs) - ref).abs().max() > 0.05
+    assert (_steps(eight_bit, 0.5, [0.05] * 3) - ref).abs().max() > 0.05
+
+
 JUDGED_BLOCK = lowmem.BLOCK  # errors are judged per optimizer block, whatever block the quantiser used
 BOUND = 0.015  # blockwise: about 0.007 for both signs; per-tensor: 0.18 signed, 0.033 unsigned
 

@@ -87,6 +87,35 @@ def test_only_response_tokens_are_targets(tmp_path):
                 assert text.endswith(END_OF_TURN)
 
 
+def padded_target_texts(path, tok):
+    """The decoded loss-carrying targets of every padded row of one epoch (one record per row)."""
+    train, _ = load_sft(path, tok, seq_len=250)
+    loader = SFTLoader(train, batch_size=len(train), seq_len=250, seed=1, pack=False)
+    _, y, _ = loader.next_batch()
+    return sorted(tok.decode(row[row != IGNORE].tolist()) for row in y)
+
+
+def test_every_response_turn_is_a_target(tmp_path, monkeypatch):
+    """A padded row's targets are exactly all assistant turns of its record: the test above only
+    asks that each target piece be some answer, which a loader that trained on the first turn
+    of a conversation alone (or dropped a turn) also passes."""
+    import andromeda.train.sft as sft
+    tok = ByteTokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", chat_records())
+    want = sorted("".join(m["content"] + END_OF_TURN for m in rec["messages"] if m["role"] == "assistant")
+                  for rec in chat_records())
+    assert padded_target_texts(path, tok) == want
+    # Negative control: only the first assistant span carries loss.
+    real = sft.render_chat
+
+    def first_turn_only(messages, **kw):
+        r = real(messages, **kw)
+        r.spans = r.spans[:1]
+        return r
+    monkeypatch.setattr(sft, "render_chat", first_turn_only)
+    assert padded_target_texts(path, tok) != want
+
+
 def test_packed_rows_keep_examples_apart(tmp_path):
     tok = ByteTokenizer()
     train, _ = load_sft(write_jsonl(tmp_path / "d.jsonl", dolly_records()), tok, seq_len=300)

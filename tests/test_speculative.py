@@ -69,6 +69,19 @@ def test_greedy_with_repetition_penalty_and_stop_string_matches_plain():
     plain = Engine(target, ByteTokenizer()).generate(["hello hello"], params)[0]
     spec = Engine(target, ByteTokenizer(), draft=draft).generate(["hello hello"], params)[0]
     assert spec.token_ids == plain.token_ids
+    # The penalty changes this continuation, so a speculator that dropped it could not match
+    # (this test had no such check, and despite its name no stop string).
+    no_penalty = params.replace(repetition_penalty=1.0)
+    assert Engine(target, ByteTokenizer(), draft=draft).generate(["hello hello"], no_penalty)[0].token_ids \
+        != plain.token_ids
+    # A stop string met in the middle of an accepted run of draft tokens: both stop at the same
+    # token, and nothing accepted after it is returned.
+    stop = plain.text[8:10]
+    params = params.replace(stop=(stop,))
+    plain = Engine(target, ByteTokenizer()).generate(["hello hello"], params)[0]
+    spec = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=4).generate(["hello hello"], params)[0]
+    assert plain.finish_reason == spec.finish_reason == "stop" and stop not in plain.text
+    assert spec.text == plain.text and spec.token_ids == plain.token_ids and spec.new_tokens < 20
 
 
 class Bigram(nn.Module):

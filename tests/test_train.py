@@ -154,6 +154,62 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
+def optimizer_view(trainer, steps):
+    """What optimizer.step saw at each of `steps` steps: the rate of every group, the gradients
+    and the trainer's logged gradient norm."""
+    seen = []
+    real_step = trainer.optimizer.step
+
+    def spy():
+        seen.append(([g["lr"] for g in trainer.optimizer.param_groups],
+                     {n: p.grad.clone() for n, p in trainer.raw.named_parameters() if p.grad is not None}))
+        real_step()
+    trainer.optimizer.step = spy
+    norms = []
+    for _ in range(steps):
+        trainer.train_step()
+        norms.append(trainer.grad_norm)
+    return seen, norms
+
+
+def check_schedule_and_clipping(tmp_path):
+    """The optimizer steps with the warmup-cosine rate of train.lr and with gradients clipped to
+    train.grad_clip; the logged norm is the norm before clipping. Returns what failed, if anything."""
+    settings = dict(max_steps=6, lr=1e-2, warmup_frac=0.34, min_lr_ratio=0.2)
+    clip = 0.05
+    unclipped, _ = optimizer_view(make_trainer(tmp_path / "free", grad_clip=0.0, **settings), 1)
+    clipped, norms = optimizer_view(make_trainer(tmp_path / "clip", grad_clip=clip, **settings), 6)
+    failures = []
+    want = [lr_at(s, 6, 1e-2, 3, 0.2) for s in range(6)]
+    if [lrs for lrs, _ in clipped] != [[w, w] for w in want]:
+        failures.append("rate")
+    raw = unclipped[0][1]
+    raw_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()])).item()
+    assert raw_norm > 5 * clip  # so clipping has something to do
+    if norms[0] != pytest.approx(raw_norm, rel=1e-5):
+        failures.append("logged norm")
+    scale = clip / (raw_norm + 1e-6)  # clip_grad_norm_'s definition
+    if not all(torch.allclose(clipped[0][1][n], raw[n] * scale, rtol=1e-4, atol=1e-9) for n in raw):
+        failures.append("clipping")
+    return failures
+
+
+def test_optimizer_gets_the_scheduled_rate_and_clipped_gradients(tmp_path, monkeypatch):
+    # Before: no test looked at the rate or the gradients the optimizer stepped with, so a trainer
+    # that kept AdamW's constructor rate or skipped clipping passed.
+    assert check_schedule_and_clipping(tmp_path / "ok") == []
+    # Negative controls: a constant rate, and a clip that measures but does not scale.
+    import andromeda.train.trainer as trainer_module
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "lr_at", lambda step, total, peak, *a: peak)
+        assert check_schedule_and_clipping(tmp_path / "const") == ["rate"]
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_",
+                  lambda params, max_norm: torch.linalg.vector_norm(
+                      torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        assert check_schedule_and_clipping(tmp_path / "noclip") == ["clipping"]
+
+
 def test_aux_losses_reach_the_gradient(tmp_path):
     plain = make_trainer(tmp_path / "a", accum=2, grad_clip=0.0)
     with_aux = make_trainer(tmp_path / "b", accum=2, grad_clip=0.0)
