@@ -177,6 +177,14 @@ def load_checkpoint(folder: Path, device=None, dtype=None) -> tuple[Transformer,
         return load_packed(folder, device=device or "cpu")
     if not weights.exists() and not is_sharded(folder):
         raise UserError(f"checkpoint {folder} has no {WEIGHTS}")
+    if config.get("quantization"):  # int8 / int4 weights written by `andromeda quantize`
+        from andromeda.quant.quantize import load_quantized
+        model = load_quantized(folder, config, device=device or "cpu", dtype=dtype)
+        tok_spec = config.get("tokenizer")
+        tokenizer = load_tokenizer(tok_spec, folder) if tok_spec else None
+        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+            raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+        return model, tokenizer, config
     if is_sharded(folder):  # written by FSDP training: torch.distributed.checkpoint shards
         from andromeda.train.distributed_checkpoint import load_sharded_weights
         state = load_sharded_weights(folder, cfg)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("andromeda.commands.bench", "benchmarks: prefill, decode, train"),
     "plot": ("andromeda.commands.plot", "plot the loss curves of a training run"),
     "consolidate": ("andromeda.commands.consolidate", "write a sharded (FSDP) checkpoint as an ordinary one"),
+    "quantize": ("andromeda.commands.quantize", "int8 / int4 weight-only quantisation of a checkpoint"),
 }
 
 

@@ -8,11 +8,19 @@ Each side runs `--repeats` times, alternating, and the median is reported.
 
     .venv/bin/python benchmarks/cpu_decode.py [--threads 2] [--new-tokens 256] [--json]
     .venv/bin/python benchmarks/cpu_decode.py --dim 768 --depth 12 --heads 12 --hidden 2048   (beyond L3)
+
+With --quant, the peer is andromeda's own float32 compiled decoding instead of transformers: the
+same weights quantised in memory to int8 (per channel) and int4 (groups of --group-size), each
+decoded compiled, timed alternating with the float32 model; it reports tokens/s, the speedup
+over float32, and how many greedy tokens agree with float32's.
+
+    .venv/bin/python benchmarks/cpu_decode.py --quant [--dim 768 --depth 12 --heads 12 --hidden 2048]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -24,6 +32,7 @@ from andromeda.infer.engine import Engine
 from andromeda.infer.sampling import SamplingParams
 from andromeda.interop.hf import model_from_hf_state
 from andromeda.model.transformer import Transformer
+from andromeda.quant.quantize import quantize_model
 
 
 def hf_llama(vocab: int, dim: int, depth: int, heads: int, hidden: int, ctx: int, seed: int):
@@ -86,9 +95,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=1024, help="SwiGLU hidden width")
+    ap.add_argument("--quant", action="store_true",
+                    help="time int8 and int4 weight-only decoding against float32 compiled (no transformers run)")
+    ap.add_argument("--group-size", type=int, default=32, help="int4 group size with --quant")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quant:
+        return quant_main(args)
 
     hf = hf_llama(args.vocab, args.dim, args.depth, args.heads, args.hidden, 512, seed=0)
     ours = andromeda_from_llama(hf)
@@ -124,6 +138,51 @@ def main(argv=None) -> dict:
         for k, v in report.items():
             print(f"{k:>24}: {v}")
     return report
+
+
+def quant_main(args) -> dict:
+    """float32 / int8 / int4 compiled decoding of the same weights, alternating."""
+    hf = hf_llama(args.vocab, args.dim, args.depth, args.heads, args.hidden, 512, seed=0)
+    float_model = andromeda_from_llama(hf)
+    del hf
+    models = {"float32": float_model}
+    for bits, name in ((8, "int8"), (4, "int4")):
+        models[name] = copy.deepcopy(float_model)
+        quantize_model(models[name], bits, args.group_size)
+    engines = {name: Engine(m, tokenizer=None, compile=True) for name, m in models.items()}
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=g).tolist()
+    tokens = {name: time_andromeda(e, prompt, args.new_tokens)[1] for name, e in engines.items()}  # compiles
+    times: dict = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        for name, e in engines.items():
+            times[name].append(time_andromeda(e, prompt, args.new_tokens)[0])
+    tps = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": _cpu_model(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "shape": f"{args.depth}x{args.dim}, {args.heads} heads, SwiGLU {args.hidden}",
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "group_size": args.group_size,
+              "repeats": args.repeats}
+    for name in engines:
+        agree = greedy_agreement(tokens["float32"], tokens[name])
+        report[f"{name}_tokens_per_s"] = round(tps[name], 1)
+        report[f"{name}_speedup"] = round(tps[name] / tps["float32"], 2)
+        report[f"{name}_greedy_tokens_agreeing"] = agree
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:>32}: {v}")
+    return report
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

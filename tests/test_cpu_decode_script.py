@@ -23,3 +23,12 @@ def test_agreement_counts_a_missing_token_as_a_difference():
     assert agreement([1, 2, 3], [1, 9, 3]) == 1
     assert agreement([1, 2, 3], [1, 2]) == 2 and agreement([1, 2], [1, 2, 3]) == 2
     assert agreement([1, 2, 3], []) == 0
+
+
+@pytest.mark.slow  # compiles three decode steps with Inductor (about a minute)
+def test_quant_mode_decodes_float_int8_and_int4_of_the_same_weights():
+    report = load_benchmark("cpu_decode").main(["--quant", "--dim", "64", "--depth", "1", "--heads", "2",
+                                                "--hidden", "128", "--new-tokens", "4", "--repeats", "1"])
+    assert report["float32_speedup"] == 1.0
+    for name in ("int8", "int4"):
+        assert report[f"{name}_tokens_per_s"] > 0 and 0 <= report[f"{name}_greedy_tokens_agreeing"] <= 4

@@ -4,6 +4,7 @@
   andromeda train --config model.json --set train.lr=1e-3 --data data/ --out runs/y
   andromeda train --out runs/y --resume                  (continue exactly where it stopped)
   andromeda train --sft dolly.jsonl --init runs/x/checkpoints/latest --out runs/sft
+  andromeda train --preset llama-tiny --data data/ --distill-from runs/big --out runs/student
 
 `--set` takes model keys (attention.heads=4) and training keys (train.lr=3e-4, see
 andromeda.train.config.TrainConfig). Without --data, the embedded default corpus is
@@ -51,6 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of RUN_DIR")
     p.add_argument("--sft", metavar="FILE.jsonl", help="instruction-tune on Dolly-style or chat records")
     p.add_argument("--init", metavar="CKPT", help="start from the weights (and tokenizer) of this checkpoint")
+    p.add_argument("--distill-from", metavar="TEACHER_CKPT",
+                   help="knowledge distillation: also learn the soft targets of this trained checkpoint (same "
+                        "tokenizer); mix and temperature: train.distill_alpha, train.distill_temperature")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

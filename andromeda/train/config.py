@@ -82,6 +82,11 @@ class TrainConfig:
     """SFT: pack several examples per row with a document mask instead of padding each."""
     tensorboard: bool = True
     """Also write TensorBoard events when tensorboard is installed."""
+    distill_alpha: float = 0.5
+    """With --distill-from: weight of the teacher's soft targets; the loss per token is
+    (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student) (see train/distill.py)."""
+    distill_temperature: float = 2.0
+    """With --distill-from: the temperature T both models' logits are divided by in the KL term."""
 
     def __post_init__(self):
         check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -107,6 +112,8 @@ class TrainConfig:
         check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
         check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
         check(self.keep_last >= 1, "train.keep_last must be >= 1")
+        check(0 <= self.distill_alpha <= 1, f"train.distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        check(self.distill_temperature > 0, f"train.distill_temperature must be > 0, got {self.distill_temperature}")
         from andromeda.train.optim import OPTIMIZERS  # late: optim imports nothing from here
         check(self.optimizer in OPTIMIZERS,
                f"train.optimizer={self.optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")

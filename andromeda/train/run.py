@@ -50,6 +50,7 @@ class RunPlan:
     dist: DistInfo
     device: torch.device
     resume_requested: bool = False
+    distill_from: Optional[Path] = None
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +60,7 @@ class RunPlan:
         return {"model": self.model_cfg.to_dict(), "train": self.train_cfg.to_dict(),
                 "data": str(self.data_dir) if self.data_dir else None,
                 "sft": str(self.sft) if self.sft else None, "init": str(self.init) if self.init else None,
-                "seed": self.seed}
+                "seed": self.seed, "distill_from": str(self.distill_from) if self.distill_from else None}
 
 
 def resolve_run(args) -> RunPlan:
@@ -128,13 +129,30 @@ def resolve_run(args) -> RunPlan:
     if data_dir is None and sft is None:
         data_dir = run_dir / "data"  # filled with the default corpus in train_run
 
+    teacher = getattr(args, "distill_from", None)
+    distill_from = checkpoint_folder(Path(teacher)) if teacher else None
+    if args.resume and teacher and str(distill_from) != base.get("distill_from"):
+        raise UserError(f"{run_dir} was trained with --distill-from {base.get('distill_from')}; resume it with "
+                        "that teacher (or leave --distill-from out to keep it)")
+    if distill_from is None and base.get("distill_from"):
+        distill_from = Path(base["distill_from"])  # a resumed run keeps its teacher
+    if distill_from is not None:
+        # A missing or foreign folder, or a teacher shorter than the training windows, is refused
+        # before anything is written.
+        teacher_len = ModelConfig.from_dict(read_config(distill_from)["model"]).max_seq_len
+        if teacher_len < seq_len:
+            raise UserError(f"teacher max_seq_len ({teacher_len}) is shorter than train.seq_len ({seq_len})")
+        if data_dir is not None and (data_dir / "meta.json").exists():
+            from andromeda.data.prepare import open_prepared
+            from andromeda.train.distill import check_same_tokenizer
+            check_same_tokenizer(distill_from, open_prepared(data_dir).tokenizer)
     seed = args.seed if args.seed is not None else base.get("seed", DEFAULT_SEED)
     device = resolve_device(train_cfg)
     dist = init_distributed(device.type, train_cfg.parallel)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     return RunPlan(run_dir, model_cfg, train_cfg, data_dir, sft, init, seed, resume_from, dist, device,
-                   resume_requested=bool(args.resume))
+                   resume_requested=bool(args.resume), distill_from=distill_from)
 
 
 def _train_overrides(cfg: TrainConfig, sets: dict) -> TrainConfig:
@@ -268,8 +286,14 @@ def train_run(plan: RunPlan, progress: bool = True, stop_after: Optional[int] = 
         train_loader, make_val = _loaders(plan, tokenizer)
         meta = {"run": str(plan.run_dir), "train": plan.train_cfg.to_dict(), "seed": plan.seed,
                 "data": str(plan.data_dir) if plan.data_dir else None, "sft": str(plan.sft) if plan.sft else None}
+        teacher = None
+        if plan.distill_from is not None:
+            from andromeda.train.distill import load_teacher
+            teacher = load_teacher(plan.distill_from, tokenizer, plan.train_cfg.seq_len or plan.model_cfg.max_seq_len,
+                                   plan.device)
+            meta["distill_from"] = str(plan.distill_from)
         trainer = Trainer(plan.run_dir, model, tokenizer, plan.train_cfg, train_loader, make_val, plan.device,
-                          meta=meta, dist=plan.dist, progress=progress)
+                          meta=meta, dist=plan.dist, progress=progress, teacher=teacher)
         if plan.resume_from is not None:
             trainer.resume(plan.resume_from)
         # Every check has passed: only now does the run folder change.

@@ -9,7 +9,10 @@ micro-batches of the step are drawn first, so the loss can be averaged over ever
 token of the global batch (exact for padded SFT batches too); each micro-batch adds its
 share of the loss plus the model's auxiliary losses (MoE balance terms, already weighted by
 the layers that made them) to the gradients; the global gradient norm is clipped; a
-non-finite loss or gradient stops the run before the update touches the weights.
+non-finite loss or gradient stops the run before the update touches the weights. With a
+teacher (knowledge distillation, train/distill.py) each micro-batch's loss mixes the hard
+labels with the teacher's soft targets; the logged `loss` stays the hard-label loss, so runs
+with and without a teacher compare, and `distill_kl` is logged beside it.
 """
 
 from __future__ import annotations
@@ -83,7 +86,9 @@ class Trainer:
 
     def __init__(self, run_dir: Path, model: Transformer, tokenizer, cfg: TrainConfig, train_loader,
                  make_val_loader: Optional[Callable[[], object]], device: torch.device,
-                 meta: Optional[dict] = None, dist: Optional[DistInfo] = None, progress: bool = True):
+                 meta: Optional[dict] = None, dist: Optional[DistInfo] = None, progress: bool = True,
+                 teacher: Optional[torch.nn.Module] = None):
+        self.teacher = teacher  # frozen, eval mode (load_teacher); None: plain training
         self.run_dir, self.raw, self.tokenizer, self.cfg = Path(run_dir), model, tokenizer, cfg
         self.train_loader, self.make_val_loader = train_loader, make_val_loader
         self.device, self.dtype = device, training_dtype(cfg, device)
@@ -169,24 +174,29 @@ class Trainer:
         targets = sum((y != IGNORE).sum() for _, y, _ in batches).clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        kl_sum = torch.zeros((), device=self.device)
+        alpha = cfg.distill_alpha
         for i, (x, y, doc) in enumerate(batches):
             with no_sync(self.model, i == len(batches) - 1), autocast(self.device, self.dtype):
                 out = self.model(x, doc_ids=doc, with_aux=True)
                 loss = cross_entropy_sum(out.logits, y) / targets
                 aux = out.aux_loss() / len(batches)
+                kl = self._distill_kl(x, y, doc, out.logits) / targets if self.teacher is not None else 0.0
             self.layer_stats = out.stats  # of the last micro-batch, for the metrics log
-            (loss + aux).backward()
+            objective = loss + aux if self.teacher is None else (1 - alpha) * loss + alpha * kl + aux
+            objective.backward()
             loss_sum += loss.detach()
+            kl_sum += kl.detach() if torch.is_tensor(kl) else kl
             aux_sum += aux.detach() if torch.is_tensor(aux) else aux
             self.tokens_seen += x.numel() * self.dist.world
         norm = (plain(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip))
                 if cfg.grad_clip > 0 else torch.zeros((), device=self.device))
-        stats = torch.stack([loss_sum.float(), norm.float().to(self.device), aux_sum.float()])
+        stats = torch.stack([loss_sum.float(), norm.float().to(self.device), aux_sum.float(), kl_sum.float()])
         if self.dist.world > 1:  # every rank logs, checks and stops on the same global numbers
             import torch.distributed as dist
             dist.all_reduce(stats)
             stats /= self.dist.world
-        loss_value, norm_value, self.aux = stats.tolist()
+        loss_value, norm_value, self.aux, self.kl = stats.tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             where = f"; the last good checkpoint is {self.last_saved}" if self.last_saved else ""
@@ -197,6 +207,12 @@ class Trainer:
         self.step += 1
         self.lr, self.grad_norm = lr, norm_value
         return loss_value
+
+    def _distill_kl(self, x, y, doc, student_logits) -> torch.Tensor:
+        from andromeda.train.distill import distill_kl_sum
+        with torch.no_grad():  # no_grad, not inference_mode: the KL's backward reads these logits
+            teacher_logits = self.teacher(x, doc_ids=doc)
+        return distill_kl_sum(student_logits, teacher_logits, y, self.cfg.distill_temperature)
 
     def validate(self) -> Optional[float]:
         loader = self.make_val_loader() if self.make_val_loader else None
@@ -228,6 +244,8 @@ class Trainer:
                               "tokens_per_s": tok_s, "elapsed_s": self.elapsed}
                     if self.aux:
                         record["aux_loss"] = self.aux
+                    if self.teacher is not None:
+                        record["distill_kl"] = self.kl
                     record.update(routing_metrics(self.layer_stats))
                     util = mfu(tok_s / self.dist.world, self.flops_per_token, self.peak_flops)
                     if util is not None:
