@@ -2,7 +2,9 @@
 
   bench prefill --preset NAME --seq 2048,8192 [--batch 1]
       time to the last-token logits of a prompt (median of --repeats after --warmup runs,
-      with device synchronisation), tokens/s and peak memory.
+      with device synchronisation), tokens/s and peak memory. On CPU the peak is the process's
+      high-water mark (ru_maxrss), so lengths run shortest first and each row also reports the
+      growth over the resident size before any prefill (`prefill_mb`: activations, not weights).
   bench decode --preset NAME [--prompt-len 16 --new-tokens 256 --batch 1,8] [--compile]
       greedy decoding through the generation engine: tokens/s per sequence and in total; on
       CUDA also the fraction of HBM bandwidth used, (weight bytes + KV bytes read per step) /
@@ -115,10 +117,17 @@ def median_ms(fn, device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:  # pages: size resident shared ...
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def bench_prefill(args, device, dtype) -> list[dict]:
     model = _model(args.preset, device, dtype, max(args.seq))
     rows = []
-    for seq in args.seq:
+    cpu = device.type == "cpu"
+    base_mb = _resident_mb() if cpu else 0.0
+    for seq in sorted(args.seq) if cpu else args.seq:
         tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, seq), device=device)
         _reset_peak(device)
 
@@ -135,6 +144,8 @@ def bench_prefill(args, device, dtype) -> list[dict]:
         rows.append({"seq": seq, "batch": args.batch, "median_ms": round(ms, 3),
                      "tokens_per_s": round(args.batch * seq / ms * 1000, 1),
                      "peak_memory_mb": round(_peak_memory_mb(device), 1)})
+        if cpu:
+            rows[-1]["prefill_mb"] = round(_peak_memory_mb(device) - base_mb, 1)
     return rows
 
 

@@ -6,8 +6,11 @@ Three paths compute the same function:
 - 'flex': FlexAttention (PyTorch >= 2.5) with ALiBi as a `score_mod` and causality, windows
   and document boundaries as a block-sparse `mask_mod`, so no L x L bias is ever built.
   Chosen by 'auto' on CUDA whenever scores are modified.
-- 'reference': explicit bias tensor + SDPA math; the CPU default for modified scores and
-  the ground truth in tests.
+- 'reference': explicit bias tensor + SDPA math; the ground truth in tests, and the CPU
+  default for short modified prefills and for decoding.
+- 'chunked': the reference computation one block of query rows at a time, with the bias built
+  per block, so memory is O(chunk x Lk) instead of O(Lq x Lk). The CPU default for modified
+  scores once a prefill has more than `QUERY_CHUNK` query rows (long-context ALiBi on CPU).
 
 `force_backend()` overrides the choice for tests. Positions are absolute token indices:
 `q_pos` (B or 1, Lq) for the queries (one row when every sequence shares them) and `k_pos`
@@ -43,6 +46,7 @@ class AttnSpec:
 
 
 _FORCED: Optional[str] = None
+QUERY_CHUNK = 512  # query rows per block on the 'chunked' path
 
 
 @contextlib.contextmanager
@@ -69,7 +73,9 @@ def choose_backend(spec: AttnSpec, device: torch.device) -> str:
     # Decoding (one query row, or per-sequence positions): the explicit bias is only
     # (B, H, 1, Lk), cheaper than building a block mask at every step.
     decoding = spec.q_pos.shape[0] > 1 or spec.q_pos.shape[1] == 1
-    return "flex" if device.type == "cuda" and not decoding else "reference"
+    if device.type == "cuda" and not decoding:
+        return "flex"
+    return "chunked" if spec.q_pos.shape[1] > QUERY_CHUNK else "reference"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
@@ -83,6 +89,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) ->
 def _run(backend: str, q, k, v, spec: AttnSpec) -> torch.Tensor:
     if backend == "flex":
         return _flex(q, k, v, spec)
+    if backend == "chunked":
+        return _chunked(q, k, v, spec)
     gqa = q.shape[1] != k.shape[1]
     if backend == "sdpa" and not _modified(spec) and spec.plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=spec.dropout,
@@ -121,14 +129,30 @@ def _split_alibi(q, k, v, spec: AttnSpec, backend: str) -> torch.Tensor:
     return torch.cat([biased, plain], dim=1)
 
 
-def score_bias(spec: AttnSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Additive bias (B or 1, H or 1, Lq, Lk): -inf where masked, -slope*distance for ALiBi."""
-    dist = (spec.q_pos[:, :, None] - spec.k_pos)[:, None]  # (B or 1, 1, Lq, Lk); >= 0 if visible
+def _chunked(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    """Query blocks of QUERY_CHUNK rows through the reference path; each block's bias is
+    (B or 1, H or 1, chunk, Lk), so no Lq x Lk tensor exists at any time."""
+    if q.shape[1] != k.shape[1]:  # repeat KV heads once, outside the loop
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[2], QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        bias = score_bias(spec, q.dtype, rows=rows)
+        out[:, :, rows] = F.scaled_dot_product_attention(
+            q[:, :, rows], k, v, attn_mask=bias, dropout_p=spec.dropout, scale=spec.scale)
+    return out
+
+
+def score_bias(spec: AttnSpec, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+    """Additive bias (B or 1, H or 1, Lq, Lk): -inf where masked, -slope*distance for ALiBi.
+    `rows` restricts it to a block of query rows (the 'chunked' path)."""
+    dist = (spec.q_pos[:, rows, None] - spec.k_pos)[:, None]  # (B or 1, 1, Lq, Lk); >= 0 if visible
     allowed = dist >= 0
     if spec.window is not None:
         allowed = allowed & (dist < spec.window)
     if spec.doc_ids is not None:
-        same = spec.doc_ids[:, :, None] == spec.doc_ids[:, None, :]  # (B, L, L)
+        same = spec.doc_ids[:, rows, None] == spec.doc_ids[:, None, :]  # (B, Lq, L)
         allowed = allowed & same[:, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=dist.device)
     if spec.alibi is not None:
