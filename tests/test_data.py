@@ -264,3 +264,18 @@ def test_token_stream_bounds(tmp_path):
     assert stream.read(8, 5).tolist() == [8, 9, 10, 11, 12]
     with pytest.raises(IndexError):
         stream.read(9, 5)
+
+
+def test_prepare_says_when_validation_is_tiny(tmp_path, capsys):
+    """One long document with the default split leaves a few tokens of validation: the summary
+    says so and names the flags; a split of the size it suggests is not flagged."""
+    (tmp_path / "book.txt").write_text("to be or not to be, that is the question\n" * 500)
+    assert main(["prepare", "--data", str(tmp_path / "book.txt"), "--tokenizer", "char",
+                 "--out", str(tmp_path / "small")]) == 0
+    err = capsys.readouterr().err
+    val = open_prepared(tmp_path / "small").meta["splits"]["val"]["tokens"]
+    assert val < 100 and f"validation holds only {val:,} tokens" in err and "--min-val-tokens" in err
+    assert main(["prepare", "--data", str(tmp_path / "book.txt"), "--tokenizer", "char",
+                 "--min-val-tokens", "5000", "--out", str(tmp_path / "big")]) == 0
+    assert "validation holds only" not in capsys.readouterr().err
+    assert open_prepared(tmp_path / "big").meta["splits"]["val"]["tokens"] >= 5000

@@ -13,6 +13,7 @@ examples:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from andromeda.data.prepare import (
@@ -25,6 +26,9 @@ from andromeda.data.prepare import (
     prepare_default_corpus,
 )
 from andromeda.errors import UserError
+
+SMALL_VAL_TOKENS = 4096
+"""Below this many validation tokens the summary suggests a larger split."""
 
 
 def add_arguments(p) -> None:
@@ -66,10 +70,16 @@ def run(args) -> int:
             args.out, args.tokenizer, max_bytes=args.max_bytes or DEFAULT_CORPUS_BYTES,
             min_val_tokens=DEFAULT_CORPUS_MIN_VAL_TOKENS if args.min_val_tokens is None else args.min_val_tokens,
             **common)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    if val["tokens"] < SMALL_VAL_TOKENS:
+        # A single long document (a book, a code file) leaves validation with only the tail
+        # val_fraction of it; a val loss over a few hundred tokens moves more between
+        # evaluations than most changes a user wants to see.
+        print(f"note: validation holds only {val['tokens']:,} tokens; for a steadier val loss pass "
+              f"--val-fraction 0.1 or --min-val-tokens {DEFAULT_CORPUS_MIN_VAL_TOKENS}", file=sys.stderr)
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(f"{meta['documents']} documents -> train {train['tokens']:,} tokens ({train['documents']} docs), "
           f"val {val['tokens']:,} tokens ({val['documents']} docs); tokenizer {meta['tokenizer']['kind']} "
           f"with {meta['vocab_size']} ids, {meta['dtype']}")
