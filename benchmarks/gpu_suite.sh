@@ -13,10 +13,13 @@
 # up to the machine's count, gpt2 124M @1024; then the largest preset each setup trains),
 # serve (benchmarks/serve_load.py with the server on the GPU: 1-64 streaming clients, a
 # 12 x 768 model, batch invariance checked under load).
-# A part that fails is reported and the suite goes on to the next.
+# A part that fails, or runs past PART_TIMEOUT seconds (default 540), is reported and the
+# suite goes on to the next. On a machine lent for a limited time, name the parts that fit:
+#   PARTS="prefill decode serve" PART_TIMEOUT=200 bash benchmarks/gpu_suite.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu_suite}
 PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp serve"}
+PART_TIMEOUT=${PART_TIMEOUT:-540}
 mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
@@ -27,7 +30,7 @@ part() {  # part NAME COMMAND...: run one part, log to $OUT/NAME.log
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name: $*" | tee -a "$OUT/suite.log"
   local start=$SECONDS
-  if "$@" > "$OUT/$name.log" 2>&1; then
+  if timeout --kill-after=20 "$PART_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1; then
     echo "   ok in $((SECONDS - start)) s" | tee -a "$OUT/suite.log"
   else
     echo "   FAILED (rc $?) in $((SECONDS - start)) s; see $OUT/$name.log" | tee -a "$OUT/suite.log"
