@@ -548,3 +548,29 @@ def test_presets_bring_training_settings_that_suit_their_size(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"dim": 32, "depth": 1, "attention": {"heads": 2}}))
     assert lr_of("--config", str(tmp_path / "model.json")) == TrainConfig().lr
     assert not (tmp_path / "run").exists()  # resolving writes nothing
+
+
+def test_adamw_uses_the_fused_kernel_on_plain_cpu_parameters_and_matches_foreach():
+    """The fused CPU step is chosen for ordinary parameters and computes what the foreach
+    AdamW computes (to float rounding) over several steps with weight decay."""
+    from andromeda.train.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [Transformer(get_preset("llama-tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"] is True
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+              for g in param_groups(models[1], cfg.weight_decay) if g["params"]]
+    reference = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    tokens = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        for model, opt in zip(models, (fused, reference)):
+            opt.zero_grad()
+            model(tokens).logsumexp(-1).mean().backward()
+            opt.step()
+    for a, b, s in zip(models[0].parameters(), models[1].parameters(), start):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert max((a - s).abs().max().item() for a, s in zip(models[0].parameters(), start)) > 1e-3  # it trained
