@@ -19,6 +19,7 @@ from andromeda.infer.engine import Engine
 from andromeda.infer.sampling import SamplingParams
 from andromeda.model.config import ModelConfig
 from andromeda.model.transformer import Transformer
+from andromeda.quant import cpu_kernels, weight_only
 from andromeda.quant.quantize import quantize_model
 from andromeda.quant.weight_only import (
     Int4Linear,
@@ -101,9 +102,11 @@ def test_int4_packs_two_codes_a_byte_with_group_scales(group_size):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_one_row_product_matches_eager(kind, rows):
-    """Decoding under torch.compile on CPU takes the multiply-and-sum over the codes; it must
-    equal the eager product through the dequantised matrix."""
+def test_compiled_one_row_product_matches_eager(kind, rows, monkeypatch):
+    """Without the CPU kernels (builds that lack them), decoding under torch.compile on CPU
+    takes the multiply-and-sum over the codes; it must equal the eager product through the
+    dequantised matrix."""
+    monkeypatch.setattr(weight_only, "USE_CPU_KERNELS", False)
     torch.manual_seed(0)
     lin = nn.Linear(128, 96, bias=True)
     layer = Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, 32)
@@ -115,6 +118,45 @@ def test_compiled_one_row_product_matches_eager(kind, rows):
             wrong = Int4Linear.from_linear(lin, 32)
             wrong.weight_int4 = (wrong.weight_int4 << 4) | (wrong.weight_int4 >> 4)
             assert (compiled(x) - wrong(x)).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cpu_kernel_products_match_the_dequantised_product_row_by_row(kind):
+    """The int8 (FBGEMM) and int4 (int4pack, bfloat16 activations) kernels: within 1% of the
+    exact product over the dequantised weights, eager and compiled alike; each row's result
+    is the same alone or among others, bit for bit (a server's batch invariance); codes
+    changed in place are repacked, not served stale."""
+    available = cpu_kernels.int8_available() if kind == "int8" else cpu_kernels.int4_available()
+    if not available:
+        pytest.skip(f"this PyTorch build has no {kind} CPU kernel")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    layer = Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, 32)
+    assert layer.has_kernel
+    x = torch.randn(5, 1, 256)
+    with torch.no_grad():
+        exact = nn.functional.linear(x, layer.dequantized(), layer.bias)
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        for got in (eager, compiled):
+            assert _rel_err(got, exact) < 0.01
+            assert not torch.equal(got, exact)  # the kernel ran: activations were quantised / rounded
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        for i in range(5):
+            assert torch.equal(layer(x[i:i + 1]), eager[i:i + 1])
+        codes = layer.weight_int8 if kind == "int8" else layer.weight_int4
+        codes.copy_(codes.flip(0))  # in place: a stale packing would keep the old numbers
+        flipped = nn.functional.linear(x, layer.dequantized(), layer.bias)
+        assert _rel_err(layer(x), flipped) < 0.01 and _rel_err(flipped, exact) > 0.5
+
+
+def test_int4_layers_of_other_widths_keep_the_portable_product():
+    """The int4 kernel packs output widths in multiples of 16; other layers do without it."""
+    layer = Int4Linear.from_linear(nn.Linear(64, 24), 32)
+    assert not layer.has_kernel
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.dequantized().t() + layer.bias)
 
 
 # ---------------------------------------------------------------- model quality

@@ -21,11 +21,16 @@ Schemes:
   head's channels, so a tied model keeps one int8 matrix for both); docs/quantization.md has
   the measurements behind this choice.
 
-How it runs: under torch.compile on CPU with at most a few rows (decoding), a product is written
-as a multiply-and-sum over the codes converted in registers, which Inductor turns into one
-vectorised pass over the int8 / packed int4 bytes (as `andromeda.infer.cpu_linears` does for
-float weights and `BitLinear` for ternary ones). Elsewhere (prefill, eval, GPUs, eager decoding)
-the matrix is dequantised for the call and multiplied with `F.linear`.
+How it runs, for float32 inputs:
+- up to KERNEL_MAX_ROWS rows on CPU (decoding, eager or compiled; a server's decode batch):
+  PyTorch's int8 (FBGEMM) and int4 CPU kernels, through `andromeda.quant.cpu_kernels`, which
+  quantise or round the activations (its docstring has the numbers and why);
+- where those kernels are missing (non-x86 builds), under torch.compile on CPU with at most a
+  few rows: a multiply-and-sum over the codes converted in registers, which Inductor turns
+  into one vectorised pass over the int8 / packed int4 bytes (as `andromeda.infer.cpu_linears`
+  does for float weights and `BitLinear` for ternary ones);
+- elsewhere (prefill, eval, GPUs): the matrix is dequantised for the call and multiplied with
+  `F.linear`, exactly.
 
 Why by hand: torchao 0.18 (checked with torch 2.13 on this machine's CPUs) has no float32 CPU
 int4 layout (its CPU layout was dropped; `plain` needs the mslk GPU kernels, `tile_packed_to_4d`
@@ -41,10 +46,16 @@ from torch import nn
 
 from andromeda.errors import UserError
 from andromeda.model.linear import compiled_few_rows
+from andromeda.quant import cpu_kernels
 
 SCHEMES = {8: "int8", 4: "int4"}
 GROUP_SIZES = (32, 64, 128)
 _INT4_DIVISORS = (7.0, 7.25, 7.5, 7.75, 8.0, 8.25, 8.5)
+KERNEL_MAX_ROWS = 16
+"""Up to this many rows (decoding; the server's default batch) go through the CPU kernels; a
+longer input (prefill, eval) is one exact product over the dequantised matrix."""
+USE_CPU_KERNELS = True
+"""False keeps every product on the portable paths (tests of those paths set it)."""
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +111,19 @@ class _QuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_available(self) -> bool:
+        raise NotImplementedError
+
+    def _uses_kernel(self, x: torch.Tensor) -> bool:
+        # has_kernel is settled when the module is made: probing inside a traced forward
+        # would put the probe into the compiled graph.
+        return (USE_CPU_KERNELS and self.has_kernel and x.device.type == "cpu" and x.dtype == torch.float32
+                and x[..., 0].numel() <= KERNEL_MAX_ROWS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiled_few_rows(x):
+        if self._uses_kernel(x):
+            y = self._kernel_product(x)
+        elif compiled_few_rows(x):
             y = self._few_rows_product(x)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
@@ -118,6 +140,7 @@ class Int8Linear(_QuantLinear):
         super().__init__(in_features, out_features, bias, device)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.has_kernel = self.kernel_available()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -129,6 +152,12 @@ class Int8Linear(_QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8(self.weight_int8, self.weight_scale)
+
+    def kernel_available(self) -> bool:
+        return cpu_kernels.int8_available()
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.int8_rows(x, self.weight_int8, self.weight_scale)
 
     def _few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
         # One pass over the int8 rows; the scale applies once per output.
@@ -145,6 +174,7 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("weight_int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
                                                         device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, in_features // group_size, device=device))
+        self.has_kernel = self.kernel_available()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int) -> "Int4Linear":
@@ -156,6 +186,12 @@ class Int4Linear(_QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4(self.weight_int4, self.weight_scale, self.group_size)
+
+    def kernel_available(self) -> bool:
+        return self.out_features % cpu_kernels.INT4_OUT_MULTIPLE == 0 and cpu_kernels.int4_available()
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.int4_rows(x, self.weight_int4, self.weight_scale, self.group_size)
 
     def _few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
         # sum_k x_k (c_k - 8) s_g = s_g (sum_k x_k c_k) - 8 s_g (sum_k x_k): the offset moves to a
