@@ -85,7 +85,9 @@ def _int8_prepack(codes: torch.Tensor, scale: torch.Tensor):
 
 def _int8_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     packed = _cached(codes, lambda: _int8_prepack(codes, scale))
-    return _by_row(lambda row: torch.ops.quantized.linear_dynamic(row, packed, False), x.float(), codes.shape[0])
+    if x.numel() == x.shape[-1]:  # one row (batch-1 decoding): the op takes any leading shape
+        return torch.ops.quantized.linear_dynamic(x, packed, False)
+    return _by_row(lambda row: torch.ops.quantized.linear_dynamic(row, packed, False), x, codes.shape[0])
 
 
 def int8_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
