@@ -13,19 +13,12 @@ Tiny Shakespeare when ../shared/data has it, else generated text) and varied out
   serve one request) and through the measured server itself;
 - static batches: the same requests in batches of C through `Engine.generate` in this
   process (each batch runs until its longest request is done; only requested tokens count);
-- batch-invariance check: a greedy request's logprobs alone and among the C=16 load, bitwise;
-- with --peer llamacpp: the same levels against llama.cpp's OpenAI-compatible server
-  (`python -m llama_cpp.server`, from `pip install "llama-cpp-python[server]"`) on the same
-  weights exported as an f32 GGUF, with the same thread count and context. That server runs
-  one request at a time (llama-cpp-python 0.3 has no parallel slots); its end-of-text token is
-  banned with `logit_bias` so that every request generates its whole budget, as `ignore_eos`
-  does here.
+- batch-invariance check: a greedy request's logprobs alone and among the C=16 load, bitwise.
 
 Every wait has a timeout; each level stops after --max-seconds.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 1,4,16,64] [--max-batch 16] [--threads 2] [--json]
     .venv/bin/python benchmarks/serve_load.py --server-args="--no-batch-invariance"   (the cost of invariance)
-    .venv/bin/python benchmarks/serve_load.py --peer llamacpp --clients 1,16      (llama.cpp's server beside it)
 """
 
 from __future__ import annotations
@@ -130,60 +123,6 @@ class Server:
                 self.proc.wait(10)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LlamaCppServer:
-    """llama-cpp-python's OpenAI-compatible server on a GGUF export of the same checkpoint."""
-
-    def __init__(self, ckpt: Path, folder: Path, threads: int, ctx: int):
-        try:
-            import llama_cpp.server  # noqa: F401
-        except ImportError as e:
-            raise SystemExit(f"--peer llamacpp needs `pip install \"llama-cpp-python[server]\"` ({e})") from None
-        from andromeda.checkpoint import load_checkpoint
-        from andromeda.interop.gguf import export_gguf
-
-        model, tokenizer, _ = load_checkpoint(ckpt)
-        gguf = folder / f"{MODEL}-f32.gguf"
-        export_gguf(model, tokenizer, gguf, "f32")
-        self.eos_id = tokenizer.eos_id
-        port = free_port()
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
-               "--n_threads_batch", str(threads)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise SystemExit("llama.cpp's server did not start")
-            time.sleep(0.2)
-
-    def adapt(self, requests: list[dict]) -> list[dict]:
-        """The same requests in its dialect: no `ignore_eos`; the end-of-text id banned instead."""
-        out = []
-        for r in requests:
-            body = {k: v for k, v in r.items() if k != "ignore_eos"}
-            body["logprobs"] = 1  # one chunk per token, with its log-probability
-            if self.eos_id is not None:
-                body["logit_bias"] = {str(self.eos_id): -100.0}
-            out.append(body)
-        return out
-
-    stop = Server.stop
-
-
 async def stream_one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
     """One streamed request: arrival time of every token chunk, and the logprobs if asked."""
     start = time.perf_counter()
@@ -201,8 +140,7 @@ async def stream_one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
                 if choice.get("logprobs"):  # one entry per token: the token's arrival time
                     stamps += [time.perf_counter()] * len(choice["logprobs"]["token_logprobs"])
                     logprobs += choice["logprobs"]["token_logprobs"]
-    return {"start": start, "stamps": stamps, "text": text, "logprobs": logprobs, "tokens": body["max_tokens"],
-            "received": len(stamps)}
+    return {"start": start, "stamps": stamps, "text": text, "logprobs": logprobs, "tokens": body["max_tokens"]}
 
 
 async def run_clients(url: str, requests: list[dict], clients: int, max_seconds: float) -> list[dict]:
@@ -231,9 +169,6 @@ def pct(values: list[float], q: float) -> float:
 
 def summarise(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
-    received = sum(r["received"] for r in results)
-    if received != tokens:  # a server that stopped short (or sent more) is not comparable
-        print(f"warning: {received} tokens arrived for {tokens} asked", file=sys.stderr)
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
@@ -287,21 +222,6 @@ def invariance_check(url: str, load: list[dict], max_seconds: float) -> bool:
     return alone["logprobs"] == loaded["logprobs"] and alone["text"] == loaded["text"]
 
 
-def llamacpp_levels(ckpt: Path, folder: Path, args, levels: list[int]) -> dict:
-    """The same levels, requests and clients against llama.cpp's server."""
-    peer = LlamaCppServer(ckpt, folder, args.threads, args.ctx)
-    results = {}
-    try:
-        level(peer.url, peer.adapt(make_requests(2, seed=99)), 1, args.max_seconds)  # warm-up
-        for c in levels:
-            reqs = peer.adapt(make_requests(max(16, c * args.per_client), seed=c))
-            results[c] = level(peer.url, reqs, c, args.max_seconds)
-            print(f"llama.cpp C={c}: {results[c]}", file=sys.stderr, flush=True)
-    finally:
-        peer.stop()
-    return results
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -328,8 +248,6 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--skip-baselines", action="store_true")
-    p.add_argument("--peer", choices=["llamacpp"], default=None,
-                   help="also run the levels against llama.cpp's server on the same weights (f32 GGUF)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -367,11 +285,6 @@ def main(argv=None) -> int:
         if not args.skip_baselines:
             out["static_batches"] = dict(static_batches(ckpt, base_reqs, base_c, args.threads), batch=base_c)
             print(f"static batches: {out['static_batches']}", file=sys.stderr, flush=True)
-        if args.peer == "llamacpp":
-            out["llamacpp"] = llamacpp_levels(ckpt, Path(tmp), args, levels)
-    if "llamacpp" in out:
-        out["ratio_vs_llamacpp"] = {c: round(out["levels"][c]["tokens_per_s"] / peer["tokens_per_s"], 2)
-                                    for c, peer in out["llamacpp"].items()}
     if not args.skip_baselines:
         served = out["levels"][base_c]["tokens_per_s"]
         out["ratio_vs_one_at_a_time"] = round(served / out["one_at_a_time"]["tokens_per_s"], 2)
