@@ -69,7 +69,8 @@ def write_nanogpt_data(text: str, folder: Path) -> None:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 
 
-def timed_run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> tuple[float, list[tuple[float, str]]]:
+def timed_run(name: str, cmd: list[str], cwd: Path, env: dict, log: Path,
+              timeout: float) -> tuple[float, list[tuple[float, str]]]:
     """Run `cmd`, stamping each output line with the seconds since the start; bounded by `timeout`."""
     start = time.monotonic()
     lines: list[tuple[float, str]] = []
@@ -86,9 +87,9 @@ def timed_run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -
         except (TimeoutError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
-            sys.exit(f"error: {cmd[2] if len(cmd) > 2 else cmd[0]} ran past {timeout:.0f} s; see {log}")
+            sys.exit(f"error: {name} ran past {timeout:.0f} s; see {log}")
     if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd[:4])} ... exited with {proc.returncode}; see {log}")
+        sys.exit(f"error: {name} exited with {proc.returncode}; see {log}")
     return time.monotonic() - start, lines
 
 
@@ -103,7 +104,7 @@ def run_nanogpt(nanogpt: Path, text: str, work: Path, env: dict, timeout: float,
     cmd = [sys.executable, "-u", "train.py", *NANOGPT_ARGS, "--out_dir=out", "--always_save_checkpoint=True"]
     if compile_model:
         cmd.append("--compile=True")  # configurator.py: the last assignment wins
-    wall, lines = timed_run(cmd, scratch, env, work / "nanogpt.log", timeout)
+    wall, lines = timed_run("nanoGPT's train.py", cmd, scratch, env, work / "nanogpt.log", timeout)
     evals = [(t, int(m[1]), float(m[2])) for t, s in lines
              if (m := re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", s))]
     final_loss = score_nanogpt(scratch, env)
@@ -166,7 +167,7 @@ def run_andromeda(text_path: Path, work: Path, env: dict, threads: int, steps: i
     cmd = [sys.executable, "-u", "-m", "andromeda", "train", "--preset", "shakespeare-char", "--data", str(data),
            "--out", str(run), "--max-steps", str(steps), "--threads", str(threads), "--no-progress",
            "--set", f"train.save_every={steps}", *sets]
-    wall, lines = timed_run(cmd, REPO, env, work / "andromeda.log", timeout)
+    wall, lines = timed_run("andromeda train", cmd, REPO, env, work / "andromeda.log", timeout)
     # metrics.jsonl's elapsed_s counts from the trainer's start, which is about when the
     # one-line summary is printed; add that moment so both trainers' times count from launch.
     started = next((t for t, s in lines if s.startswith("train:")), 0.0)
@@ -180,7 +181,6 @@ def score_andromeda(run: Path, text_path: Path) -> float:
     """The final checkpoint's loss on the same validation characters (the last 10% of the text)."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     from andromeda.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(run / "checkpoints" / "latest")

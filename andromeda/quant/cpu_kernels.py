@@ -116,7 +116,7 @@ def int8_available() -> bool:
         got = int8_rows(x, codes, scale)
         want = x @ (codes.float() * scale[:, None]).t()
         return bool(((got - want).norm() <= 0.02 * want.norm()).item())
-    except (RuntimeError, AttributeError, NotImplementedError):
+    except (RuntimeError, AttributeError, NotImplementedError):  # op missing or refused: portable path
         return False
 
 
@@ -169,5 +169,5 @@ def int4_available() -> bool:
         got = int4_rows(x, packed, scale, 32)
         want = x @ dequantize_int4(packed, scale, 32).t()
         return bool(((got - want).norm() <= 0.02 * want.norm()).item())
-    except (RuntimeError, AttributeError, NotImplementedError):
+    except (RuntimeError, AttributeError, NotImplementedError):  # op missing or refused: portable path
         return False

@@ -111,9 +111,6 @@ class _QuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def kernel_available(self) -> bool:
-        raise NotImplementedError
-
     def _uses_kernel(self, x: torch.Tensor) -> bool:
         # has_kernel is settled when the module is made: probing inside a traced forward
         # would put the probe into the compiled graph.
@@ -140,7 +137,7 @@ class Int8Linear(_QuantLinear):
         super().__init__(in_features, out_features, bias, device)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
-        self.has_kernel = self.kernel_available()
+        self.has_kernel = cpu_kernels.int8_available()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -152,9 +149,6 @@ class Int8Linear(_QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8(self.weight_int8, self.weight_scale)
-
-    def kernel_available(self) -> bool:
-        return cpu_kernels.int8_available()
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.int8_rows(x, self.weight_int8, self.weight_scale)
@@ -174,7 +168,7 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("weight_int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
                                                         device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, in_features // group_size, device=device))
-        self.has_kernel = self.kernel_available()
+        self.has_kernel = out_features % cpu_kernels.INT4_OUT_MULTIPLE == 0 and cpu_kernels.int4_available()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int) -> "Int4Linear":
@@ -186,9 +180,6 @@ class Int4Linear(_QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4(self.weight_int4, self.weight_scale, self.group_size)
-
-    def kernel_available(self) -> bool:
-        return self.out_features % cpu_kernels.INT4_OUT_MULTIPLE == 0 and cpu_kernels.int4_available()
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.int4_rows(x, self.weight_int4, self.weight_scale, self.group_size)
