@@ -50,7 +50,10 @@ def run_requests(scheduler, requests):
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
 SEEDED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=11)
-OTHERS = [("another prompt, longer than the first", SamplingParams(max_new_tokens=14, temperature=1.0, seed=3)),
+# The first of these runs past position 64 while the requests under test decode, so their
+# steps read a longer span of the cache (96 slots) than alone (64): SPAN_MIN in the scheduler.
+OTHERS = [("another prompt, longer than the first one, going well past the first span",
+           SamplingParams(max_new_tokens=14, temperature=1.0, seed=3)),
           ("x", SamplingParams(max_new_tokens=6, temperature=0)),
           ("third", SamplingParams(max_new_tokens=12, temperature=0.7, top_k=5, seed=4)),
           ("fourth one here", SamplingParams(max_new_tokens=9, temperature=0))]
@@ -64,7 +67,10 @@ def alone_and_loaded(batch_invariant: bool, preset="llama-tiny", prefill_chunk=5
     try:
         mine = [("the quick brown fox", GREEDY), ("jumps over", SEEDED)]
         alone = [run_requests(scheduler, [r])[0] for r in mine]
+        spans_alone = {span for _, span in scheduler._group_steps}
         loaded = run_requests(scheduler, OTHERS[:2] + mine[:1] + OTHERS[2:] + mine[1:])
+        if batch_invariant:  # the load made the steps read more of the cache than alone
+            assert spans_alone == {64} and {span for _, span in scheduler._group_steps} == {64, 96}
         return engine, mine, alone, [loaded[2], loaded[5]]
     finally:
         scheduler.stop(5)
@@ -77,6 +83,39 @@ def test_a_request_is_bitwise_the_same_alone_or_among_others(decode_group):
     # ... and the same tokens as the engine behind `andromeda generate`.
     for (prompt, params), (ids, _, _) in zip(mine, alone):
         assert engine.generate([prompt], params)[0].token_ids == ids
+
+
+@pytest.mark.parametrize("preset,dtype", [("llama-tiny", torch.float32), ("andromeda-tiny", torch.float32),
+                                          ("llama-tiny", torch.bfloat16)])
+def test_masked_slots_past_every_row_change_no_bit_of_a_decode_step(preset, dtype):
+    """What the scheduler's span relies on: rows decoding at their own positions over the first
+    `span` slots of the cache get the same logits, bit for bit, for every span the scheduler
+    uses that covers the furthest row (slots past a row's position are masked and add exactly
+    nothing). ALiBi + xPos and token shift (andromeda-tiny) included. The scheduler's spans
+    are powers of two from 64 (or the whole cache): a span that is not a multiple of the
+    kernel's vector width can round a row that reaches into its last slots differently."""
+    from andromeda.infer.cache import batch_rows, first_positions
+    from andromeda.infer.generate import prefill
+
+    engine = tiny_engine(preset, max_seq_len=256)
+    model = engine.model.to(dtype)
+    cache = model.new_cache(4, 256, device="cpu")
+    lengths = [5, 17, 40, 3]
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        for row, n in enumerate(lengths):
+            prefill(model, torch.randint(0, 256, (1, n)), batch_rows(cache, row, row + 1), 0)
+        saved = [b.clone() for b in cache.buffers()]
+        tokens, pos = torch.randint(0, 256, (4, 1)), torch.tensor(lengths)
+        results = []
+        for span in (64, 128, 256):
+            for buf, value in zip(cache.buffers(), saved):  # every span decodes the same state
+                buf.copy_(value)
+            results.append(model(tokens, cache=first_positions(cache, span), start_pos=pos, last_only=True))
+        for span in (40, 3):  # a span short of the furthest row cannot take its token
+            with pytest.raises((IndexError, RuntimeError)):
+                model(tokens, cache=first_positions(cache, span), start_pos=pos, last_only=True)
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 def test_negative_control_decoding_only_busy_rows_changes_the_numbers():

@@ -14,6 +14,8 @@ Offers:
   `ShiftState` (the last inputs of a token-shift site), `LayerState` (a layer's named parts),
   `ModelCache` (one LayerState per layer); each layer makes its own (`new_state`).
 - `row_view(state, rows)`: a view of some batch rows of a state tree sharing its storage.
+- `span_view(state, span)`: a view whose KV caches hold only positions 0..span-1 (batched
+  decoding reads no further than the furthest row needs).
 """
 
 from __future__ import annotations
@@ -156,6 +158,28 @@ def row_view(state: Optional[nn.Module], rows: slice) -> Optional[nn.Module]:
     view.__dict__["_modules"] = {k: row_view(m, rows) for k, m in state._modules.items()}
     if isinstance(view, ModelCache):
         view.batch = len(range(*rows.indices(state.batch)))
+    return view
+
+
+def span_view(state: Optional[nn.Module], span: int) -> Optional[nn.Module]:
+    """A shallow copy of a state tree whose KV caches are views of positions 0..span-1, sharing
+    storage with the original. Batched decoding at per-row positions reads the whole cache it is
+    given (slots past a row's position are masked); with every row's position below `span`,
+    the slots beyond are masked for every row and need not be read at all. Other states
+    (token shift, SSM) are not addressed by position and pass through whole."""
+    if state is None:
+        return None
+    view = object.__new__(type(state))
+    view.__dict__ = dict(state.__dict__)
+    if isinstance(state, KVCache):
+        if not 0 < span <= state.max_len:
+            raise ValueError(f"a span of {span} positions does not fit a KV cache of {state.max_len}")
+        view.__dict__["_buffers"] = {k: b[:, :, :span] for k, b in state._buffers.items()}
+        view.max_len = span
+        return view
+    view.__dict__["_modules"] = {k: span_view(m, span) for k, m in state._modules.items()}
+    if isinstance(view, ModelCache):
+        view.max_len = min(span, state.max_len)
     return view
 
 

@@ -13,7 +13,9 @@ How it runs (each loop iteration is bounded):
    tokens, at most `prefill_chunk` tokens per iteration in all, so that a long prompt does
    not stall the streams already running: they decode between its chunks.
 4. One decode step advances every decoding sequence; each samples with its own parameters
-   and its own seeded generator.
+   and its own seeded generator. The step reads the cache only up to a span that covers the
+   furthest row (a power of two from SPAN_MIN, so a compiled step sees few shapes): rows at
+   positions 0..p attend over span slots, the ones past their own position masked.
 
 Batch invariance: CPU and GPU matrix products round differently for different numbers of
 rows (an MKL product of 1 row and of 8 rows differ at ~1e-5), so a sequence's logits would
@@ -21,7 +23,11 @@ depend on how many others are running. With `batch_invariant=True` (the default)
 decode step runs the pool in calls of exactly `decode_group` rows (default: the whole pool,
 `max_batch` rows), whatever the load (idle rows compute on a dummy token), and prompts are
 prefilled alone: the arithmetic of a row is then the same alone or among any others, bit
-for bit. The cost is computing idle rows at low load; a smaller `decode_group` lowers it
+for bit. The span does not break this: slots past a row's position are masked, and a masked
+slot adds exactly nothing to the attention's sums. Spans are powers of two (whole multiples of
+any vector width, so a row's own slots are summed the same way in every span that covers
+it) or the whole cache (which the row alone would read too); tests/test_serve_scheduler.py
+checks this on the CPU kernels. The cost is computing idle rows at low load; a smaller `decode_group` lowers it
 (only the groups up to the highest busy slot run) at the price of more, smaller products
 at high load (benchmarks/serve_load.py measures both). `batch_invariant=False` runs only rows 0..highest
 busy slot, as most servers do. Models whose layers mix rows (MoE with a capacity limit)
@@ -43,9 +49,12 @@ from typing import Callable, Optional
 
 import torch
 
-from andromeda.infer.cache import batch_rows, recurrent_buffers, reset_recurrent
+from andromeda.infer.cache import batch_rows, first_positions, recurrent_buffers, reset_recurrent
 from andromeda.infer.generate import DecodeStep, TextTracker, prefill
 from andromeda.infer.sampling import SamplingParams, logits_to_probs, pick
+
+# The smallest span of cache positions a decode step reads (see `Scheduler.span_for`).
+SPAN_MIN = 64
 
 
 class QueueFull(Exception):
@@ -133,10 +142,9 @@ class Scheduler:
         if self.group < 1 or max_batch % self.group:
             raise ValueError(f"the decode group ({self.group}) must divide the pool ({max_batch})")
         self.cache = self.model.new_cache(max_batch, self.max_len, device=self.device)
-        # One decode step per group of rows, each over a fixed view of the pool's cache, so a
-        # compiled step keeps one graph per group.
-        self.group_steps = [DecodeStep(self.model, batch_rows(self.cache, lo, lo + self.group), compile=engine.compile)
-                            for lo in range(0, max_batch, self.group)]
+        # One decode step per group of rows and span, each over a fixed view of the pool's
+        # cache, so a compiled step keeps one graph per view; made when first needed.
+        self._group_steps: dict[tuple[int, int], DecodeStep] = {}
         self._recurrent = recurrent_buffers(self.cache)
         self.slots: list[Optional[_Running]] = [None] * max_batch
         self.waiting: collections.deque[_Running] = collections.deque()
@@ -147,6 +155,21 @@ class Scheduler:
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.steps = 0
+
+    def span_for(self, needed: int) -> int:
+        """Cache positions a decode step reads when its furthest row needs `needed` of them."""
+        span = SPAN_MIN
+        while span < needed:
+            span *= 2
+        return min(span, self.max_len)
+
+    def group_step(self, group: int, span: int) -> DecodeStep:
+        key = (group, span)
+        if key not in self._group_steps:
+            lo = group * self.group
+            view = first_positions(batch_rows(self.cache, lo, lo + self.group), span)
+            self._group_steps[key] = DecodeStep(self.model, view, compile=self.engine.compile)
+        return self._group_steps[key]
 
     # ------------------------------------------------------------------ client side (any thread)
     def check_fits(self, n: int, prompt_len: int, max_tokens: int) -> None:
@@ -295,14 +318,16 @@ class Scheduler:
                 positions[seq.slot] = seq.prefilled
         saved = [(seq.slot, [b[seq.slot].clone() for b in self._recurrent])
                  for seq in busy if not seq.decoding and seq.slot < rows and self._recurrent]
+        span = self.span_for(1 + max(positions))
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.batch_invariant:
             G = self.group
-            logits = torch.cat([self.group_steps[g](tok[g * G:(g + 1) * G], pos[g * G:(g + 1) * G])
+            logits = torch.cat([self.group_step(g, span)(tok[g * G:(g + 1) * G], pos[g * G:(g + 1) * G])
                                 for g in range(rows // G)])
         else:
-            logits = self.model(tok, cache=batch_rows(self.cache, 0, rows), start_pos=pos, last_only=True)[:, -1]
+            view = first_positions(batch_rows(self.cache, 0, rows), span)
+            logits = self.model(tok, cache=view, start_pos=pos, last_only=True)[:, -1]
         for slot, bufs in saved:
             for b, value in zip(self._recurrent, bufs):
                 b[slot].copy_(value)
