@@ -13,12 +13,18 @@ Tiny Shakespeare when ../shared/data has it, else generated text) and varied out
   serve one request) and through the measured server itself;
 - static batches: the same requests in batches of C through `Engine.generate` in this
   process (each batch runs until its longest request is done; only requested tokens count);
-- batch-invariance check: a greedy request's logprobs alone and among the C=16 load, bitwise.
+- batch-invariance check: a greedy request's logprobs alone and among the C=16 load, bitwise;
+- with --llama-server PATH: the same levels and requests against llama.cpp's own server binary
+  (`llama-server`, built from llama.cpp's source) on the same weights exported as an f32 GGUF,
+  with --max-batch parallel slots of --ctx tokens each (continuous batching) and the same
+  thread count. It holds back partial UTF-8 characters and sends no per-token chunk for them,
+  so for it only throughput is measured (tokens counted from its `usage`), not TTFT or ITL.
 
 Every wait has a timeout; each level stops after --max-seconds.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 1,4,16,64] [--max-batch 16] [--threads 2] [--json]
     .venv/bin/python benchmarks/serve_load.py --server-args="--no-batch-invariance"   (the cost of invariance)
+    .venv/bin/python benchmarks/serve_load.py --llama-server ~/llama.cpp/build/bin/llama-server --clients 1,16
 """
 
 from __future__ import annotations
@@ -123,33 +129,93 @@ class Server:
                 self.proc.wait(10)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaServer:
+    """llama.cpp's `llama-server` on an f32 GGUF export of the same checkpoint: `slots`
+    parallel sequences of `ctx` tokens each, continuous batching (its default)."""
+
+    def __init__(self, binary: str, ckpt: Path, folder: Path, slots: int, threads: int, ctx: int):
+        from andromeda.checkpoint import load_checkpoint
+        from andromeda.interop.gguf import export_gguf
+
+        if not (Path(binary).is_file() and os.access(binary, os.X_OK)):
+            raise SystemExit(f"--llama-server {binary}: not an executable file (build llama.cpp's `llama-server`)")
+        model, tokenizer, _ = load_checkpoint(ckpt)
+        gguf = folder / f"{MODEL}-f32.gguf"
+        export_gguf(model, tokenizer, gguf, "f32")
+        port = free_port()
+        cmd = [binary, "-m", str(gguf), "-a", MODEL, "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+        self.command = " ".join(cmd[:1] + ["-m", "FILE.gguf"] + cmd[3:])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise SystemExit("llama-server did not start")
+            time.sleep(0.2)
+
+    stop = Server.stop
+
+
+async def sse_lines(response: httpx.Response):
+    """The lines of an event stream, split at \\n only: JSON may carry U+2028 or U+0085 raw,
+    where httpx's aiter_lines (str.splitlines) would cut a chunk in two."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+    if pending:
+        yield pending.decode("utf-8")
+
+
 async def stream_one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
-    """One streamed request: arrival time of every token chunk, and the logprobs if asked."""
+    """One streamed request: arrival time of every token chunk, the logprobs if asked, and the
+    completion tokens the server's `usage` reports (when it sends one)."""
     start = time.perf_counter()
-    stamps, logprobs, text = [], [], ""
+    stamps, logprobs, text, used = [], [], "", None
     async with http.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
             for choice in chunk["choices"]:
                 text += choice["text"]
                 if choice.get("logprobs"):  # one entry per token: the token's arrival time
                     stamps += [time.perf_counter()] * len(choice["logprobs"]["token_logprobs"])
                     logprobs += choice["logprobs"]["token_logprobs"]
-    return {"start": start, "stamps": stamps, "text": text, "logprobs": logprobs, "tokens": body["max_tokens"]}
+    return {"start": start, "stamps": stamps, "text": text, "logprobs": logprobs, "tokens": body["max_tokens"],
+            "used": used}
 
 
-async def run_clients(url: str, requests: list[dict], clients: int, max_seconds: float) -> list[dict]:
-    """`clients` workers take requests from the list in order until it is empty or time is up."""
+async def run_clients(url: str, requests: list[dict], clients: int, max_seconds: float,
+                      keepalive: bool = True) -> list[dict]:
+    """`clients` workers take requests from the list in order until it is empty or time is up.
+    keepalive=False opens a connection per request (llama-server closes a kept-alive connection
+    after a few requests, which a client that has just sent the next one sees as a failure)."""
     todo = list(enumerate(requests))
     results: list = [None] * len(requests)
     deadline = time.perf_counter() + max_seconds
     timeout = httpx.Timeout(max_seconds + 60)
-    limits = httpx.Limits(max_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=None if keepalive else 0)
     transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=NODELAY)
     async with httpx.AsyncClient(timeout=timeout, transport=transport) as http:
         async def worker():
@@ -169,6 +235,9 @@ def pct(values: list[float], q: float) -> float:
 
 def summarise(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
+    short = [r for r in results if r.get("used") is not None and r["used"] != r["tokens"]]
+    if short:  # a server that generated other than the budget is not comparable
+        raise SystemExit(f"{len(short)} requests generated other than their max_tokens (usage)")
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
@@ -177,10 +246,29 @@ def summarise(results: list[dict], wall: float) -> dict:
             "itl_p50_ms": round(1000 * pct(itl, 0.5), 1), "itl_p99_ms": round(1000 * pct(itl, 0.99), 1)}
 
 
-def level(url: str, requests: list[dict], clients: int, max_seconds: float) -> dict:
+def level(url: str, requests: list[dict], clients: int, max_seconds: float, latencies: bool = True,
+          keepalive: bool = True) -> dict:
     started = time.perf_counter()
-    results = asyncio.run(run_clients(url, requests, clients, max_seconds))
-    return summarise(results, time.perf_counter() - started)
+    results = asyncio.run(run_clients(url, requests, clients, max_seconds, keepalive))
+    summary = summarise(results, time.perf_counter() - started)
+    if not latencies:
+        summary = {k: v for k, v in summary.items() if not k.startswith(("ttft", "itl"))}
+    return summary
+
+
+def llama_server_levels(binary: str, ckpt: Path, folder: Path, args, levels: list[int]) -> dict:
+    """The same levels and requests against llama.cpp's server (throughput only)."""
+    peer = LlamaServer(binary, ckpt, folder, args.max_batch, args.threads, args.ctx)
+    results = {"command": peer.command}
+    try:
+        level(peer.url, make_requests(2, seed=99), 2, args.max_seconds, keepalive=False)  # warm-up
+        for c in levels:
+            reqs = make_requests(max(16, c * args.per_client), seed=c)
+            results[c] = level(peer.url, reqs, c, args.max_seconds, latencies=False, keepalive=False)
+            print(f"llama-server C={c}: {results[c]}", file=sys.stderr, flush=True)
+    finally:
+        peer.stop()
+    return results
 
 
 def static_batches(ckpt: Path, requests: list[dict], batch: int, threads: int) -> dict:
@@ -248,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--llama-server", metavar="PATH", default=None,
+                   help="llama.cpp's llama-server binary: also run the levels against it on the same weights")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -282,6 +372,8 @@ def main(argv=None) -> int:
             server.stop()
             if baseline is not None:
                 baseline.stop()
+        if args.llama_server:
+            out["llama_server"] = llama_server_levels(args.llama_server, ckpt, Path(tmp), args, levels)
         if not args.skip_baselines:
             out["static_batches"] = dict(static_batches(ckpt, base_reqs, base_c, args.threads), batch=base_c)
             print(f"static batches: {out['static_batches']}", file=sys.stderr, flush=True)
@@ -290,6 +382,10 @@ def main(argv=None) -> int:
         out["ratio_vs_one_at_a_time"] = round(served / out["one_at_a_time"]["tokens_per_s"], 2)
         out["ratio_vs_one_at_a_time_same_server"] = round(served / out["one_at_a_time_same_server"]["tokens_per_s"], 2)
         out["ratio_vs_static_batches"] = round(served / out["static_batches"]["tokens_per_s"], 2)
+    if args.llama_server:
+        peer = out["llama_server"]
+        out["ratio_vs_llama_server"] = {c: round(out["levels"][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2)
+                                        for c in levels}
     if args.json:
         print(json.dumps(out))
     else:

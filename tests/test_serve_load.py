@@ -2,6 +2,8 @@
 answer, and benchmarks/serve_load.py runs end to end on a tiny model."""
 
 import concurrent.futures
+import os
+import shutil
 
 import openai
 import pytest
@@ -45,6 +47,37 @@ def test_benchmark_summary_counts_tokens_and_percentiles():
     assert out["itl_p99_ms"] == 200.0
     requests = bench.make_requests(6)
     assert len(requests) == 6 and all(16 <= r["max_tokens"] <= 96 and r["ignore_eos"] for r in requests)
+
+
+def test_benchmark_refuses_a_server_that_generated_other_than_the_budget():
+    """Throughput counts the budgets asked for; a peer whose `usage` disagrees is refused."""
+    bench = load_benchmark("serve_load")
+    results = [{"start": 0.0, "stamps": [0.1], "tokens": 3, "used": 3},
+               {"start": 0.0, "stamps": [0.1], "tokens": 5, "used": 4}]
+    with pytest.raises(SystemExit, match="1 requests generated other than their max_tokens"):
+        bench.summarise(results, wall=1.0)
+
+
+def test_benchmark_refuses_a_missing_llama_server(tmp_path):
+    bench = load_benchmark("serve_load")
+    with pytest.raises(SystemExit, match="not an executable file"):
+        bench.LlamaServer(str(tmp_path / "llama-server"), tmp_path, tmp_path, slots=2, threads=1, ctx=64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("LLAMA_SERVER", "llama-server")),
+                    reason="llama.cpp's llama-server is not on PATH (or in $LLAMA_SERVER)")
+def test_benchmark_runs_the_same_load_against_llama_server(capsys):
+    bench = load_benchmark("serve_load")
+    binary = shutil.which(os.environ.get("LLAMA_SERVER", "llama-server"))
+    assert bench.main(["--dim", "32", "--depth", "1", "--heads", "2", "--hidden", "64", "--ctx", "256",
+                       "--clients", "1,2", "--per-client", "8", "--max-batch", "2", "--threads", "1",
+                       "--max-seconds", "60", "--skip-baselines", "--llama-server", binary, "--json"]) == 0
+    import json
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Every request generated exactly its budget on both servers (summarise checks usage).
+    assert out["llama_server"]["2"]["tokens"] == out["levels"]["2"]["tokens"]
+    assert out["ratio_vs_llama_server"]["2"] > 0
 
 
 @pytest.mark.slow
