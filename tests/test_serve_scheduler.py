@@ -67,10 +67,10 @@ def alone_and_loaded(batch_invariant: bool, preset="llama-tiny", prefill_chunk=5
     try:
         mine = [("the quick brown fox", GREEDY), ("jumps over", SEEDED)]
         alone = [run_requests(scheduler, [r])[0] for r in mine]
-        spans_alone = {span for _, span in scheduler._group_steps}
+        spans_alone = {span for _, _, span in scheduler._steps}
         loaded = run_requests(scheduler, OTHERS[:2] + mine[:1] + OTHERS[2:] + mine[1:])
         if batch_invariant:  # the load made the steps read more of the cache than alone
-            assert spans_alone == {64} and {span for _, span in scheduler._group_steps} == {64, 96}
+            assert spans_alone == {64} and {span for _, _, span in scheduler._steps} == {64, 96}
         return engine, mine, alone, [loaded[2], loaded[5]]
     finally:
         scheduler.stop(5)
@@ -255,3 +255,42 @@ def test_long_prompt_is_prefilled_between_decode_steps(chunk, least, most):
                 break
     between = order[:order.index("b")].count("a") - before
     assert least <= between <= most
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_compile_reaches_every_decode_path(batch_invariant):
+    """`serve --compile` compiles the decode step with and without batch invariance, every
+    shape at warm-up (serving then makes no new one), and the compiled steps give the eager
+    tokens."""
+    answers = []
+    for compile in (False, True):
+        engine = tiny_engine()
+        engine.compile = compile
+        scheduler = Scheduler(engine, max_batch=4, batch_invariant=batch_invariant)
+        if compile:
+            scheduler.warm_up()
+            assert set(scheduler._steps) == set(scheduler.step_shapes())
+        scheduler.start()
+        try:
+            answers.append([ids for ids, _, _ in run_requests(scheduler, [("the quick brown fox", GREEDY),
+                                                                          ("jumps over", GREEDY),
+                                                                          ("and a third", GREEDY)])])
+        finally:
+            scheduler.stop(5)
+        assert scheduler._steps and all(step.compiled == compile for step in scheduler._steps.values())
+        if compile:
+            assert set(scheduler._steps) == set(scheduler.step_shapes())
+    assert answers[0] == answers[1]
+
+
+def test_step_shapes_cover_what_decoding_asks_for():
+    engine = tiny_engine(max_seq_len=300)
+    invariant = Scheduler(engine, max_batch=8, decode_group=4)
+    assert invariant.step_shapes() == [(lo, 4, span) for lo in (0, 4) for span in (64, 128, 256, 300)]
+    assert [invariant.decode_rows(n) for n in (1, 4, 5, 8)] == [4, 4, 8, 8]
+    engine.compile = True
+    loose = Scheduler(engine, max_batch=6, batch_invariant=False)
+    assert [loose.decode_rows(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert {rows for _, rows, _ in loose.step_shapes()} == {1, 2, 4, 6}
+    engine.compile = False
+    assert [Scheduler(engine, max_batch=6, batch_invariant=False).decode_rows(n) for n in (3, 5)] == [3, 5]

@@ -32,7 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=os.environ.get("ANDROMEDA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ANDROMEDA_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint folder name)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (one graph for the whole pool)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step: every shape it takes (row groups x cache spans) is compiled "
+                   "at start, before the server listens")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512,
@@ -74,10 +76,17 @@ def run(args) -> int:
     except ImportError as e:
         raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): "
                         "pip install 'andromeda[serve]'") from None
+    import torch
+
     from andromeda.checkpoint import load_checkpoint
     from andromeda.infer.engine import Engine
     from andromeda.serve.scheduler import Scheduler
 
+    # All computing happens on the scheduler thread, with the thread count chosen for this
+    # command; the main thread keeps one intra-op thread so that OpenMP makes no second team
+    # of workers (Scheduler.start says why that matters).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _ = load_checkpoint(Path(args.ckpt))
@@ -89,6 +98,21 @@ def run(args) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariance,
                           decode_group=args.decode_group, metrics=metrics)
+    # With --compile every decode shape is compiled before the server listens, so no request
+    # waits on the compiler.
+    from tqdm import tqdm
+
+    with tqdm(total=len(scheduler.step_shapes()), desc="compiling decode steps", unit="shape", file=sys.stderr,
+              dynamic_ncols=True, disable=not args.compile) as bar:
+        scheduler.start(threads=threads, warm_up=args.compile, progress=lambda done, total: bar.update(1))
+        # Bounded by the thread: it either serves or dies (a compile error), whichever comes first.
+        while not scheduler.wait_ready(timeout=1.0):
+            if not scheduler.alive:
+                break
+    if not scheduler.ready.is_set():
+        if isinstance(scheduler.error, UserError):
+            raise scheduler.error
+        raise UserError(f"the scheduler stopped before serving: {scheduler.error!r}")
     name = args.model_name or Path(args.ckpt).resolve().name
     # The scheduler thread runs Python between its tensor operations almost all the time; with
     # the default 5 ms switch interval the HTTP thread waits that long for the GIL at every

@@ -60,9 +60,11 @@ class DecodeStep:
             # length bucket) and every model is a new graph of this one function: a long chat
             # or a process serving several models passes the default limit of 8 quickly.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            for buf in cache.buffers():
-                torch._dynamo.mark_static_address(buf)
             cuda = next(model.parameters()).device.type == "cuda"
+            if cuda:  # for CUDA graphs; on CPU it would make every cache view (the server's
+                # spans and row groups) a full compile of its own instead of a cached recompile
+                for buf in cache.buffers():
+                    torch._dynamo.mark_static_address(buf)
             self.int_positions = not cuda
             self.fn = torch.compile(decode_one_token, mode="reduce-overhead" if cuda else None,
                                     fullgraph=True, dynamic=not cuda)

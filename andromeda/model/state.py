@@ -116,7 +116,9 @@ class KVCache(nn.Module):
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[rows, :, pos.ids] = k.transpose(1, 2)  # advanced indices first: (B, L, KVH, hd)
             self.v[rows, :, pos.ids] = v.transpose(1, 2)
-        return self.k, self.v, torch.arange(self.max_len, device=k.device)
+        # The buffer's own length (not max_len): a compiled step then keeps one graph for
+        # every span view of the cache (span_view), the length being a symbolic size.
+        return self.k, self.v, torch.arange(self.k.shape[2], device=k.device)
 
 
 class ShiftState(nn.Module):

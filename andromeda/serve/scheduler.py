@@ -142,9 +142,9 @@ class Scheduler:
         if self.group < 1 or max_batch % self.group:
             raise ValueError(f"the decode group ({self.group}) must divide the pool ({max_batch})")
         self.cache = self.model.new_cache(max_batch, self.max_len, device=self.device)
-        # One decode step per group of rows and span, each over a fixed view of the pool's
+        # One decode step per (first row, rows, span), each over a fixed view of the pool's
         # cache, so a compiled step keeps one graph per view; made when first needed.
-        self._group_steps: dict[tuple[int, int], DecodeStep] = {}
+        self._steps: dict[tuple[int, int, int], DecodeStep] = {}
         self._recurrent = recurrent_buffers(self.cache)
         self.slots: list[Optional[_Running]] = [None] * max_batch
         self.waiting: collections.deque[_Running] = collections.deque()
@@ -154,6 +154,7 @@ class Scheduler:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
+        self.ready = threading.Event()  # set by the thread once it serves
         self.steps = 0
 
     def span_for(self, needed: int) -> int:
@@ -163,13 +164,48 @@ class Scheduler:
             span *= 2
         return min(span, self.max_len)
 
-    def group_step(self, group: int, span: int) -> DecodeStep:
-        key = (group, span)
-        if key not in self._group_steps:
-            lo = group * self.group
-            view = first_positions(batch_rows(self.cache, lo, lo + self.group), span)
-            self._group_steps[key] = DecodeStep(self.model, view, compile=self.engine.compile)
-        return self._group_steps[key]
+    def decode_rows(self, busy_rows: int) -> int:
+        """Rows a step computes when rows 0..busy_rows-1 hold sequences: whole groups when batch
+        invariant; else just those rows, or, compiled, the next power of two (few graphs)."""
+        if self.batch_invariant:
+            return -(-busy_rows // self.group) * self.group
+        if self.engine.compile:
+            return min(self.max_batch, 1 << (busy_rows - 1).bit_length())
+        return busy_rows
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (first row, rows, span) a decode step can take."""
+        spans = sorted({self.span_for(1 << k) for k in range(self.max_len.bit_length() + 1)})
+        if self.batch_invariant:
+            views = [(lo, self.group) for lo in range(0, self.max_batch, self.group)]
+        else:
+            views = [(0, rows) for rows in sorted({self.decode_rows(n) for n in range(1, self.max_batch + 1)})]
+        return [(lo, rows, span) for lo, rows in views for span in spans]
+
+    def warm_up(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
+        """Compile every decode step before serving (with --compile; each first call compiles),
+        so no request waits on the compiler. Runs dummy tokens at position 0 of every row, then
+        zeroes the recurrent states they touched; before serving only (start(warm_up=True)
+        runs it on the scheduler thread, whose thread count the compiled kernels then use)."""
+        shapes = self.step_shapes()
+        # Dynamo counts graphs per function; the server's views are one graph each.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(shapes) + 16)
+        with torch.inference_mode():
+            for i, (lo, rows, span) in enumerate(shapes):
+                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                self.decode_step(lo, rows, span)(tokens, torch.zeros(rows, dtype=torch.long, device=self.device))
+                if progress is not None:
+                    progress(i + 1, len(shapes))
+            reset_recurrent(self.cache)
+
+    def decode_step(self, lo: int, rows: int, span: int) -> DecodeStep:
+        """The (compiled, with --compile) decode step over pool rows lo..lo+rows-1 and the first
+        `span` cache slots."""
+        key = (lo, rows, span)
+        if key not in self._steps:
+            view = first_positions(batch_rows(self.cache, lo, lo + rows), span)
+            self._steps[key] = DecodeStep(self.model, view, compile=self.engine.compile)
+        return self._steps[key]
 
     # ------------------------------------------------------------------ client side (any thread)
     def check_fits(self, n: int, prompt_len: int, max_tokens: int) -> None:
@@ -208,9 +244,40 @@ class Scheduler:
                     "max_batch": self.max_batch, "steps": self.steps}
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="andromeda-scheduler", daemon=True)
+    def start(self, threads: Optional[int] = None, warm_up: bool = False,
+              progress: Optional[Callable[[int, int], None]] = None) -> None:
+        """Start the scheduler thread: it takes `threads` intra-op threads, compiles every decode
+        shape first when `warm_up` (see `warm_up`), then sets `ready` and serves.
+
+        Why the thread count is set here: libgomp keeps one team of worker threads per thread
+        that has run a parallel region, and once more threads are managed than there are cores
+        it stops letting waiting workers spin, which on this 2-core machine made every step of
+        this thread ~2x slower than the same step on the main thread (a 1-row compiled step:
+        1.7 against 6.7 ms). The server therefore keeps the main thread at one intra-op thread
+        (no team) and gives the compute threads to this one."""
+        self._thread = threading.Thread(target=self._main, args=(threads, warm_up, progress),
+                                        name="andromeda-scheduler", daemon=True)
         self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the thread serves (True), has died (False, see `error`) or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if not self.alive or time.monotonic() >= deadline:
+                return False
+        return True
+
+    def _main(self, threads: Optional[int], warm_up: bool, progress) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if warm_up:
+            try:
+                self.warm_up(progress)
+            except Exception as e:  # reported by whoever waits for `ready` (serve: one line)
+                self.error = e
+                return
+        self.ready.set()
+        self._run()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still queued or running and wait (bounded) for the thread."""
@@ -301,9 +368,7 @@ class Scheduler:
 
     def _decode(self) -> None:
         busy = [s for s in self.slots if s is not None]
-        rows = 1 + max(s.slot for s in busy)
-        if self.batch_invariant:  # whole groups only
-            rows = -(-rows // self.group) * self.group
+        rows = self.decode_rows(1 + max(s.slot for s in busy))
         tokens = [0] * rows
         positions = [0] * rows
         for seq in busy:
@@ -323,11 +388,10 @@ class Scheduler:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.batch_invariant:
             G = self.group
-            logits = torch.cat([self.group_step(g, span)(tok[g * G:(g + 1) * G], pos[g * G:(g + 1) * G])
-                                for g in range(rows // G)])
+            logits = torch.cat([self.decode_step(lo, G, span)(tok[lo:lo + G], pos[lo:lo + G])
+                                for lo in range(0, rows, G)])
         else:
-            view = first_positions(batch_rows(self.cache, 0, rows), span)
-            logits = self.model(tok, cache=view, start_pos=pos, last_only=True)[:, -1]
+            logits = self.decode_step(0, rows, span)(tok, pos)
         for slot, bufs in saved:
             for b, value in zip(self._recurrent, bufs):
                 b[slot].copy_(value)
