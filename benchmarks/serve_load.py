@@ -79,15 +79,17 @@ def build_checkpoint(folder: Path, dim: int, depth: int, heads: int, hidden: int
     return folder
 
 
-def make_requests(n: int, seed: int = 0) -> list[dict]:
-    """Prompts of 8..160 bytes, outputs of 16..96 tokens, half greedy, half seeded sampling."""
+def make_requests(n: int, seed: int = 0, system: int = 0) -> list[dict]:
+    """Prompts of 8..160 bytes, outputs of 16..96 tokens, half greedy, half seeded sampling;
+    with `system`, every prompt starts with the same `system` bytes (a shared system prompt)."""
     rng = random.Random(seed)
     text = SHAKESPEARE.read_text()[:200_000] if SHAKESPEARE.exists() else " ".join(
         f"word{i % 97}" for i in range(40_000))
+    prefix = text[-system:] if system else ""
     out = []
     for i in range(n):
-        start = rng.randrange(0, len(text) - 200)
-        prompt = text[start:start + rng.randint(8, 160)]
+        start = rng.randrange(0, len(text) - 200 - system)
+        prompt = prefix + text[start:start + rng.randint(8, 160)]
         sampled = i % 2 == 1
         out.append({"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(16, 96),
                     "temperature": 0.8 if sampled else 0.0, "seed": i, "ignore_eos": True, "stream": True,
@@ -263,7 +265,7 @@ def llama_server_levels(binary: str, ckpt: Path, folder: Path, args, levels: lis
     try:
         level(peer.url, make_requests(2, seed=99), 2, args.max_seconds, keepalive=False)  # warm-up
         for c in levels:
-            reqs = make_requests(max(16, c * args.per_client), seed=c)
+            reqs = make_requests(max(16, c * args.per_client), seed=c, system=args.system_prompt)
             results[c] = level(peer.url, reqs, c, args.max_seconds, latencies=False, keepalive=False)
             print(f"llama-server C={c}: {results[c]}", file=sys.stderr, flush=True)
     finally:
@@ -336,14 +338,20 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--system-prompt", type=int, default=0, metavar="BYTES",
+                   help="start every prompt with the same BYTES bytes (prefix reuse; with a --prefill-chunk "
+                        "in --server-args no longer than it)")
     p.add_argument("--llama-server", metavar="PATH", default=None,
                    help="llama.cpp's llama-server binary: also run the levels against it on the same weights")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
+    if args.system_prompt < 0 or args.system_prompt + 160 + 96 > args.ctx:
+        p.error(f"--system-prompt {args.system_prompt}: prompts (system + up to 160 bytes) and outputs (up to 96 "
+                f"tokens) must fit the context of {args.ctx}")
 
     out = {"machine": cpu_name(), "load_average_at_start": os.getloadavg()[0], "threads": args.threads,
-           "max_batch": args.max_batch, "server_args": args.server_args,
+           "max_batch": args.max_batch, "server_args": args.server_args, "system_prompt": args.system_prompt,
            "model": f"{args.depth}x{args.dim} llama, hidden {args.hidden}, ctx {args.ctx}, float32", "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp) / MODEL, args.dim, args.depth, args.heads, args.hidden, args.ctx)
@@ -355,11 +363,11 @@ def main(argv=None) -> int:
                 level(baseline.url, make_requests(2, seed=99), 1, args.max_seconds)  # warm-up
             level(server.url, make_requests(2, seed=99), 2, args.max_seconds)  # warm-up
             for c in levels:
-                reqs = make_requests(max(16, c * args.per_client), seed=c)
+                reqs = make_requests(max(16, c * args.per_client), seed=c, system=args.system_prompt)
                 out["levels"][c] = level(server.url, reqs, c, args.max_seconds)
                 print(f"C={c}: {out['levels'][c]}", file=sys.stderr, flush=True)
             base_c = max([c for c in levels if c <= 16] or [levels[0]])
-            base_reqs = make_requests(max(16, base_c * args.per_client), seed=base_c)
+            base_reqs = make_requests(max(16, base_c * args.per_client), seed=base_c, system=args.system_prompt)
             if not args.skip_baselines:
                 one = level(baseline.url, base_reqs, 1, args.max_seconds)
                 out["one_at_a_time"] = dict(one, clients_compared=base_c, server_args=args.baseline_args)

@@ -294,3 +294,50 @@ def test_step_shapes_cover_what_decoding_asks_for():
     assert {rows for _, rows, _ in loose.step_shapes()} == {1, 2, 4, 6}
     engine.compile = False
     assert [Scheduler(engine, max_batch=6, batch_invariant=False).decode_rows(n) for n in (3, 5)] == [3, 5]
+
+
+def test_a_shared_prompt_prefix_is_copied_from_a_running_sequence_bit_for_bit():
+    """B starts with whole prefill chunks that A, still running, has prefilled: B copies their
+    keys/values instead of computing them, and gets exactly the tokens and logprobs it gets
+    alone (where nothing runs to copy from). A prompt that shares less than a chunk copies
+    nothing; one that differs inside the second chunk copies only the first."""
+    engine = tiny_engine()
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=8)
+    assert scheduler.prefix_reuse
+    system = "You are a terse assistant. "  # 27 bytes: three whole chunks of 8
+    b_prompt = system + "Say hi."
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
+    scheduler.start()
+    try:
+        alone = run_requests(scheduler, [(b_prompt, params)])[0]
+        assert scheduler.reused_tokens == 0
+        events: queue.Queue = queue.Queue()
+        long_a = SamplingParams(max_new_tokens=60, temperature=0)
+        scheduler.submit([SequenceSpec("a", 0, list((system + "Answer at length.").encode()), long_a)], events.put)
+        first = events.get(timeout=TIMEOUT_S)  # A is prefilled and decoding
+        assert isinstance(first, TokenEvent)
+        copied = run_requests(scheduler, [(b_prompt, params)])[0]
+        assert scheduler.reused_tokens == 24
+        assert copied == alone  # token ids, float logprobs and finish reason, exactly
+        other = run_requests(scheduler, [(system[:12] + "X" + system[13:] + "Hm.", params)])[0]
+        assert scheduler.reused_tokens == 24 + 8  # only the first chunk matched
+        assert other[2] == "length"
+    finally:
+        scheduler.stop(5)
+    # Admitted together, with nothing else running: the second copies the chunks the first
+    # prefills just before it.
+    fresh = Scheduler(engine, max_batch=4, prefill_chunk=8)
+    fresh.start()
+    try:
+        together = run_requests(fresh, [(system + "Go on.", params), (b_prompt, params)])
+        assert fresh.reused_tokens == 24
+        assert together[1] == alone
+    finally:
+        fresh.stop(5)
+
+
+def test_prefix_reuse_is_off_for_models_with_recurrent_state():
+    """Token shift keeps state that summarises the whole past: a copy of keys/values alone
+    would not reproduce it, so andromeda-tiny never reuses."""
+    assert not Scheduler(tiny_engine("andromeda-tiny"), max_batch=2, prefill_chunk=8).prefix_reuse
+    assert not Scheduler(tiny_engine(), max_batch=2, prefill_chunk=8, prefix_reuse=False).prefix_reuse

@@ -38,7 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompts are prefilled in chunks of this many tokens, between decode steps")
+                   help="prompts are prefilled in chunks of this many tokens, between decode steps; whole chunks "
+                        "a running request already prefilled (a shared system prompt) are copied, not recomputed")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt in full, even chunks another running request shares")
     p.add_argument("--no-batch-invariance", action="store_true",
                    help="decode only the busy rows of the pool: faster at low load, but a request's numbers "
                         "then depend on how many others run")
@@ -97,7 +100,7 @@ def run(args) -> int:
     metrics = ServeMetrics()
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariance,
-                          decode_group=args.decode_group, metrics=metrics)
+                          decode_group=args.decode_group, metrics=metrics, prefix_reuse=not args.no_prefix_reuse)
     # With --compile every decode shape is compiled before the server listens, so no request
     # waits on the compiler.
     from tqdm import tqdm

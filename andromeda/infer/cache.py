@@ -4,13 +4,15 @@
   sharing its storage, so a prompt can be prefilled alone into its row of a batch that then
   decodes together.
 - `first_positions(cache, span)`: the same cache reading and writing positions 0..span-1 only.
+- `copy_positions(cache, src, dst, start, stop)`: copy the keys/values of positions
+  start..stop-1 from batch row src to row dst (a prompt prefix another sequence prefilled).
 - `reset_recurrent(cache)`: zero the states that are not addressed by position (token shift,
   SSM, routing counts) before a cache serves new sequences.
 """
 
 from __future__ import annotations
 
-from andromeda.model.state import ModelCache, recurrent_buffers, reset_recurrent, row_view, span_view
+from andromeda.model.state import KVCache, ModelCache, recurrent_buffers, reset_recurrent, row_view, span_view
 
 
 def batch_rows(cache: ModelCache, start: int, stop: int) -> ModelCache:
@@ -21,4 +23,11 @@ def first_positions(cache: ModelCache, span: int) -> ModelCache:
     return span_view(cache, span)
 
 
-__all__ = ["ModelCache", "batch_rows", "first_positions", "recurrent_buffers", "reset_recurrent"]
+def copy_positions(cache: ModelCache, src: int, dst: int, start: int, stop: int) -> None:
+    for module in cache.modules():
+        if isinstance(module, KVCache):
+            module.k[dst, :, start:stop] = module.k[src, :, start:stop]
+            module.v[dst, :, start:stop] = module.v[src, :, start:stop]
+
+
+__all__ = ["ModelCache", "batch_rows", "copy_positions", "first_positions", "recurrent_buffers", "reset_recurrent"]

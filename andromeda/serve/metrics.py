@@ -1,9 +1,10 @@
 """Prometheus metrics of the server (prometheus-client), in a registry of their own.
 
-`ServeMetrics()` holds: requests running and waiting (gauges, in sequences), prompt and
-generated tokens (counters), finished sequences by reason, time to first token and
-inter-token latency (histograms, seconds), and batch occupancy (histogram of the fraction of
-the slot pool decoding at each step). `render()` gives the text format for GET /metrics.
+`ServeMetrics()` holds: requests running and waiting (gauges, in sequences), prompt tokens
+prefilled and taken from another slot's cache, generated tokens (counters), finished
+sequences by reason, time to first token and inter-token latency (histograms, seconds), and
+batch occupancy (histogram of the fraction of the slot pool decoding at each step).
+`render()` gives the text format for GET /metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class ServeMetrics:
         self.running = Gauge("andromeda_requests_running", "Sequences holding a cache slot", registry=r)
         self.waiting = Gauge("andromeda_requests_waiting", "Sequences queued for a cache slot", registry=r)
         self.prompt_tokens = Counter("andromeda_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens_reused = Counter("andromeda_prompt_tokens_reused",
+                                            "Prompt tokens whose keys/values were copied from a running sequence "
+                                            "with the same prefix instead of prefilled", registry=r)
         self.generation_tokens = Counter("andromeda_generation_tokens", "Tokens generated", registry=r)
         self.requests_finished = Counter("andromeda_sequences_finished", "Sequences finished, by reason",
                                          ["finish_reason"], registry=r)

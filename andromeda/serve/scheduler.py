@@ -8,7 +8,10 @@
 
 How it runs (each loop iteration is bounded):
 1. Cancelled sequences (client gone, server stopping) leave and free their slot at once.
-2. Waiting sequences take free slots (lowest first); a slot's recurrent state is zeroed.
+2. Waiting sequences take free slots (lowest first); a slot's recurrent state is zeroed. A
+   prompt that starts with whole prefill chunks another running sequence has already
+   prefilled (a shared system prompt) copies their keys/values instead of computing them
+   (models with a KV cache only: recurrent states cannot be taken mid-sequence).
 3. Prefill: prompts are prefilled alone (batch 1) into their slot, in chunks of `prefill_chunk`
    tokens, at most `prefill_chunk` tokens per iteration in all, so that a long prompt does
    not stall the streams already running: they decode between its chunks.
@@ -27,11 +30,13 @@ for bit. The span does not break this: slots past a row's position are masked, a
 slot adds exactly nothing to the attention's sums. Spans are powers of two (whole multiples of
 any vector width, so a row's own slots are summed the same way in every span that covers
 it) or the whole cache (which the row alone would read too); tests/test_serve_scheduler.py
-checks this on the CPU kernels. The cost is computing idle rows at low load; a smaller `decode_group` lowers it
-(only the groups up to the highest busy slot run) at the price of more, smaller products
-at high load (benchmarks/serve_load.py measures both). `batch_invariant=False` runs only rows 0..highest
-busy slot, as most servers do. Models whose layers mix rows (MoE with a capacity limit)
-are not batch invariant either way.
+checks this on the CPU kernels. Neither does prefix reuse: it copies whole chunks, and the
+keys/values of a chunk prefilled alone depend only on the tokens up to its end, so the copy
+is bit for bit what the sequence would have computed itself. The cost is computing idle rows
+at low load; a smaller `decode_group` lowers it (only the groups up to the highest busy slot
+run) at the price of more, smaller products at high load (benchmarks/serve_load.py measures
+both). `batch_invariant=False` runs only rows 0..highest busy slot, as most servers do.
+Models whose layers mix rows (MoE with a capacity limit) are not batch invariant either way.
 
 Written here rather than taken from a serving library: the ones that exist (vLLM, TGI) bring
 their own model code and kernels; this one drives the project's Engine and cache types.
@@ -49,7 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
-from andromeda.infer.cache import batch_rows, first_positions, recurrent_buffers, reset_recurrent
+from andromeda.infer.cache import batch_rows, copy_positions, first_positions, recurrent_buffers, reset_recurrent
 from andromeda.infer.generate import DecodeStep, TextTracker, prefill
 from andromeda.infer.sampling import SamplingParams, logits_to_probs, pick
 
@@ -128,7 +133,7 @@ class _Running:
 class Scheduler:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
                  batch_invariant: bool = True, decode_group: Optional[int] = None, metrics=None,
-                 idle_wait_s: float = 0.05):
+                 idle_wait_s: float = 0.05, prefix_reuse: bool = True):
         self.engine, self.model = engine, engine.model
         self.device = engine.device
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -146,6 +151,8 @@ class Scheduler:
         # cache, so a compiled step keeps one graph per view; made when first needed.
         self._steps: dict[tuple[int, int, int], DecodeStep] = {}
         self._recurrent = recurrent_buffers(self.cache)
+        self.prefix_reuse = prefix_reuse and not self._recurrent
+        self.reused_tokens = 0
         self.slots: list[Optional[_Running]] = [None] * max_batch
         self.waiting: collections.deque[_Running] = collections.deque()
         self.prefilling: collections.deque[_Running] = collections.deque()
@@ -345,6 +352,31 @@ class Scheduler:
                     reset_recurrent(batch_rows(self.cache, slot, slot + 1))
                     self.prefilling.append(seq)
 
+    def _reuse_prefix(self, seq: _Running) -> None:
+        """Before `seq` prefills its next chunk: copy the longest run of whole prefill chunks of
+        its prompt that another sequence in a slot has prefilled, beyond what `seq` has (leaving
+        at least one token: the last chunk gives the logits). Checked at every chunk, so prompts
+        admitted together copy what the first of them computes."""
+        ids, chunk = seq.spec.prompt_ids, self.prefill_chunk
+        best, source = seq.prefilled, None
+        for other in self.slots:
+            if other is None or other is seq or other.finished or other.prefilled < chunk:
+                continue
+            limit = min(other.prefilled, len(ids) - 1)
+            theirs, shared = other.spec.prompt_ids, 0
+            # Compare chunk by chunk (list slices compare in C).
+            while shared + chunk <= limit and ids[shared:shared + chunk] == theirs[shared:shared + chunk]:
+                shared += chunk
+            if shared > best:
+                best, source = shared, other.slot
+        if source is None:
+            return
+        copy_positions(self.cache, source, seq.slot, seq.prefilled, best)
+        self.reused_tokens += best - seq.prefilled
+        if self.metrics is not None:
+            self.metrics.prompt_tokens_reused.inc(best - seq.prefilled)
+        seq.prefilled = best
+
     def _prefill_some(self) -> None:
         budget = self.prefill_chunk
         while self.prefilling and budget > 0:
@@ -352,6 +384,8 @@ class Scheduler:
             if seq.finished:
                 self.prefilling.popleft()
                 continue
+            if self.prefix_reuse:
+                self._reuse_prefix(seq)
             ids = seq.spec.prompt_ids
             # Chunks start at multiples of prefill_chunk, as `andromeda generate` cuts them.
             end = min(len(ids), seq.prefilled + self.prefill_chunk)
