@@ -88,7 +88,7 @@ def make_requests(n: int, seed: int = 0, system: int = 0) -> list[dict]:
     prefix = text[-system:] if system else ""
     out = []
     for i in range(n):
-        start = rng.randrange(0, len(text) - 200 - system)
+        start = rng.randrange(0, len(text) - 200)
         prompt = prefix + text[start:start + rng.randint(8, 160)]
         sampled = i % 2 == 1
         out.append({"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(16, 96),

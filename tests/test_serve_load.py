@@ -47,6 +47,11 @@ def test_benchmark_summary_counts_tokens_and_percentiles():
     assert out["itl_p99_ms"] == 200.0
     requests = bench.make_requests(6)
     assert len(requests) == 6 and all(16 <= r["max_tokens"] <= 96 and r["ignore_eos"] for r in requests)
+    shared = bench.make_requests(6, system=40)
+    assert len({r["prompt"][:40] for r in shared}) == 1 and len({r["prompt"] for r in shared}) == 6
+    assert [r["prompt"][40:] for r in shared] == [r["prompt"] for r in requests]
+    with pytest.raises(SystemExit):  # a prefix that leaves no room in the context
+        bench.main(["--system-prompt", "400", "--ctx", "512"])
 
 
 def test_benchmark_refuses_a_server_that_generated_other_than_the_budget():
