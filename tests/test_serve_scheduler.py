@@ -341,3 +341,19 @@ def test_prefix_reuse_is_off_for_models_with_recurrent_state():
     would not reproduce it, so andromeda-tiny never reuses."""
     assert not Scheduler(tiny_engine("andromeda-tiny"), max_batch=2, prefill_chunk=8).prefix_reuse
     assert not Scheduler(tiny_engine(), max_batch=2, prefill_chunk=8, prefix_reuse=False).prefix_reuse
+
+
+def test_a_warm_up_that_fails_is_reported_and_the_thread_ends():
+    """serve --compile waits for the scheduler thread to compile its steps; a model that cannot
+    be compiled must end that wait with the error (the serve command prints it in one line)."""
+    from andromeda.errors import UserError
+
+    scheduler = Scheduler(tiny_engine(), max_batch=2)
+
+    def refuse(*args):
+        raise UserError("this model's decode step cannot be compiled (test)")
+
+    scheduler.decode_step = refuse
+    scheduler.start(threads=1, warm_up=True)
+    assert scheduler.wait_ready(timeout=TIMEOUT_S) is False
+    assert isinstance(scheduler.error, UserError) and not scheduler.alive and not scheduler.ready.is_set()
