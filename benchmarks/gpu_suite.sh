@@ -12,13 +12,14 @@
 # fsdp (per-GPU memory and step time of DDP, FSDP and FSDP + CPU offload at 1, 2, 4, ... GPUs
 # up to the machine's count, gpt2 124M @1024; then the largest preset each setup trains),
 # serve (benchmarks/serve_load.py with the server on the GPU: 1-64 streaming clients, a
-# 12 x 768 model, batch invariance checked under load).
+# 12 x 768 model, batch invariance checked under load), serve-compiled (the same with
+# `serve --compile`: each decode shape captured before serving, CUDA graphs per view).
 # A part that fails, or runs past PART_TIMEOUT seconds (default 540), is reported and the
 # suite goes on to the next. On a machine lent for a limited time, name the parts that fit:
 #   PARTS="prefill decode serve" PART_TIMEOUT=200 bash benchmarks/gpu_suite.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu_suite}
-PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp serve"}
+PARTS=${PARTS:-"tests prefill decode train efficiency shakespeare fsdp serve serve-compiled"}
 PART_TIMEOUT=${PART_TIMEOUT:-540}
 mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')" || exit 1
@@ -54,6 +55,8 @@ part fsdp bash -c "python benchmarks/fsdp.py --device cuda --worlds $WORLDS --pr
   --probe gpt2,andromeda-1b,llama,andromeda-3b,andromeda-7b,andromeda-10b,andromeda-15b --json"
 part serve python benchmarks/serve_load.py --clients 1,4,16,64 --max-batch 64 --dim 768 --depth 12 --heads 12 \
   --hidden 2048 --server-args="--device cuda" --baseline-args="--device cuda --no-batch-invariance" --json
+part serve-compiled python benchmarks/serve_load.py --clients 1,16,64 --max-batch 64 --dim 768 --depth 12 \
+  --heads 12 --hidden 2048 --server-args="--device cuda --compile" --skip-baselines --json
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed parts: ${failed[*]}" | tee -a "$OUT/suite.log"
