@@ -56,7 +56,7 @@ part fsdp bash -c "python benchmarks/fsdp.py --device cuda --worlds $WORLDS --pr
 part serve python benchmarks/serve_load.py --clients 1,4,16,64 --max-batch 64 --dim 768 --depth 12 --heads 12 \
   --hidden 2048 --server-args="--device cuda" --baseline-args="--device cuda --no-batch-invariance" --json
 part serve-compiled python benchmarks/serve_load.py --clients 1,16,64 --max-batch 64 --dim 768 --depth 12 \
-  --heads 12 --hidden 2048 --server-args="--device cuda --compile" --skip-baselines --json
+  --heads 12 --hidden 2048 --server-args="--device cuda --compile" --skip-baselines --start-timeout 400 --json
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed parts: ${failed[*]}" | tee -a "$OUT/suite.log"

@@ -100,7 +100,7 @@ def make_requests(n: int, seed: int = 0, system: int = 0) -> list[dict]:
 
 
 class Server:
-    def __init__(self, ckpt: Path, max_batch: int, threads: int, extra: list[str]):
+    def __init__(self, ckpt: Path, max_batch: int, threads: int, extra: list[str], start_timeout: float = 300):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "andromeda", "serve", "--ckpt", str(ckpt), "--port", "0", "--max-batch",
                str(max_batch), "--max-queue", "1024", "--threads", str(threads), *extra]
@@ -113,11 +113,11 @@ class Server:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout  # with --compile it compiles before listening
         while not any("http://" in line for line in found):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
-                raise SystemExit("the server did not start")
+                raise SystemExit(f"the server did not start within {start_timeout:.0f} s (--start-timeout)")
             time.sleep(0.1)
         self.url = re.search(r"http://[0-9.]+:\d+", "".join(found)).group(0)
 
@@ -338,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--start-timeout", type=float, default=300,
+                   help="seconds a server may take to listen (with --compile it compiles every decode shape first)")
     p.add_argument("--system-prompt", type=int, default=0, metavar="BYTES",
                    help="start every prompt with the same BYTES bytes (prefix reuse; with a --prefill-chunk "
                         "in --server-args no longer than it)")
@@ -355,11 +357,12 @@ def main(argv=None) -> int:
            "model": f"{args.depth}x{args.dim} llama, hidden {args.hidden}, ctx {args.ctx}, float32", "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp) / MODEL, args.dim, args.depth, args.heads, args.hidden, args.ctx)
-        server = Server(ckpt, args.max_batch, args.threads, shlex.split(args.server_args))
+        server = Server(ckpt, args.max_batch, args.threads, shlex.split(args.server_args), args.start_timeout)
         baseline = None
         try:
             if not args.skip_baselines:
-                baseline = Server(ckpt, args.max_batch, args.threads, shlex.split(args.baseline_args))
+                baseline = Server(ckpt, args.max_batch, args.threads, shlex.split(args.baseline_args),
+                                  args.start_timeout)
                 level(baseline.url, make_requests(2, seed=99), 1, args.max_seconds)  # warm-up
             level(server.url, make_requests(2, seed=99), 2, args.max_seconds)  # warm-up
             for c in levels:
