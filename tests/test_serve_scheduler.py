@@ -299,41 +299,65 @@ def test_step_shapes_cover_what_decoding_asks_for():
 def test_a_shared_prompt_prefix_is_copied_from_a_running_sequence_bit_for_bit():
     """B starts with whole prefill chunks that A, still running, has prefilled: B copies their
     keys/values instead of computing them, and gets exactly the tokens and logprobs it gets
-    alone (where nothing runs to copy from). A prompt that shares less than a chunk copies
-    nothing; one that differs inside the second chunk copies only the first."""
+    with reuse off. A prompt that differs inside the second chunk copies only the first;
+    prompts admitted together copy what the first of them computes."""
     engine = tiny_engine()
-    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=8)
-    assert scheduler.prefix_reuse
     system = "You are a terse assistant. "  # 27 bytes: three whole chunks of 8
     b_prompt = system + "Say hi."
     params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
+    plain = Scheduler(engine, max_batch=4, prefill_chunk=8, prefix_reuse=False)
+    plain.start()
+    try:
+        alone = run_requests(plain, [(b_prompt, params)])[0]
+    finally:
+        plain.stop(5)
+    assert plain.reused_tokens == 0
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=8)
     scheduler.start()
     try:
-        alone = run_requests(scheduler, [(b_prompt, params)])[0]
-        assert scheduler.reused_tokens == 0
         events: queue.Queue = queue.Queue()
         long_a = SamplingParams(max_new_tokens=60, temperature=0)
         scheduler.submit([SequenceSpec("a", 0, list((system + "Answer at length.").encode()), long_a)], events.put)
-        first = events.get(timeout=TIMEOUT_S)  # A is prefilled and decoding
-        assert isinstance(first, TokenEvent)
-        copied = run_requests(scheduler, [(b_prompt, params)])[0]
+        assert isinstance(events.get(timeout=TIMEOUT_S), TokenEvent)  # A is prefilled and decoding
+        assert run_requests(scheduler, [(b_prompt, params)])[0] == alone  # ids, float logprobs, finish
         assert scheduler.reused_tokens == 24
-        assert copied == alone  # token ids, float logprobs and finish reason, exactly
         other = run_requests(scheduler, [(system[:12] + "X" + system[13:] + "Hm.", params)])[0]
-        assert scheduler.reused_tokens == 24 + 8  # only the first chunk matched
-        assert other[2] == "length"
+        assert scheduler.reused_tokens == 24 + 8 and other[2] == "length"  # only the first chunk matched
     finally:
         scheduler.stop(5)
-    # Admitted together, with nothing else running: the second copies the chunks the first
-    # prefills just before it.
     fresh = Scheduler(engine, max_batch=4, prefill_chunk=8)
     fresh.start()
     try:
         together = run_requests(fresh, [(system + "Go on.", params), (b_prompt, params)])
-        assert fresh.reused_tokens == 24
-        assert together[1] == alone
+        assert fresh.reused_tokens == 24 and together[1] == alone
     finally:
         fresh.stop(5)
+
+
+def test_a_finished_requests_prompt_stays_reusable_through_other_traffic():
+    """A slot keeps what its finished sequence prefilled: the same prompt later takes that slot
+    and prefills only its last chunk, bit for bit as without reuse, even after other requests
+    ran beside the idle slot (whose dummy decode writes land past what it keeps)."""
+    engine = tiny_engine()
+    prompt = "You are a terse assistant. Say hi."  # 34 bytes: 32 reusable, the last 2 prefilled
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    plain = Scheduler(engine, max_batch=3, prefill_chunk=8, prefix_reuse=False)
+    plain.start()
+    try:
+        alone = run_requests(plain, [(prompt, params)])[0]
+    finally:
+        plain.stop(5)
+    scheduler = Scheduler(engine, max_batch=3, prefill_chunk=8)
+    scheduler.start()
+    try:
+        assert run_requests(scheduler, [(prompt, params)])[0] == alone and scheduler.reused_tokens == 0
+        assert scheduler.retained[0] == (list(prompt.encode()), 34)
+        busy = SamplingParams(max_new_tokens=20, temperature=1.0, seed=1)
+        run_requests(scheduler, [("zzzz unrelated prompt here", busy), ("and another", busy)])
+        assert run_requests(scheduler, [(prompt, params)])[0] == alone
+        assert scheduler.reused_tokens == 32
+    finally:
+        scheduler.stop(5)
 
 
 def test_prefix_reuse_is_off_for_models_with_recurrent_state():

@@ -39,9 +39,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompts are prefilled in chunks of this many tokens, between decode steps; whole chunks "
-                        "a running request already prefilled (a shared system prompt) are copied, not recomputed")
+                        "another slot holds (a shared system prompt, from a running or finished request) are "
+                        "reused, not recomputed")
     p.add_argument("--no-prefix-reuse", action="store_true",
-                   help="prefill every prompt in full, even chunks another running request shares")
+                   help="prefill every prompt in full, even chunks another slot holds")
     p.add_argument("--no-batch-invariance", action="store_true",
                    help="decode only the busy rows of the pool: faster at low load, but a request's numbers "
                         "then depend on how many others run")

@@ -9,9 +9,11 @@
 How it runs (each loop iteration is bounded):
 1. Cancelled sequences (client gone, server stopping) leave and free their slot at once.
 2. Waiting sequences take free slots (lowest first); a slot's recurrent state is zeroed. A
-   prompt that starts with whole prefill chunks another running sequence has already
-   prefilled (a shared system prompt) copies their keys/values instead of computing them
-   (models with a KV cache only: recurrent states cannot be taken mid-sequence).
+   prompt that starts with whole prefill chunks that another slot holds (a running sequence's
+   prefilled prompt, or what a finished one left in its idle slot: a shared system prompt, the
+   earlier turns of a chat) takes that slot if it is free, or copies those keys/values,
+   instead of computing them (models with a KV cache only: recurrent states cannot be taken
+   mid-sequence). Idle rows write their dummy decode token just past what their slot keeps.
 3. Prefill: prompts are prefilled alone (batch 1) into their slot, in chunks of `prefill_chunk`
    tokens, at most `prefill_chunk` tokens per iteration in all, so that a long prompt does
    not stall the streams already running: they decode between its chunks.
@@ -153,6 +155,9 @@ class Scheduler:
         self._recurrent = recurrent_buffers(self.cache)
         self.prefix_reuse = prefix_reuse and not self._recurrent
         self.reused_tokens = 0
+        # Per free slot, what its last sequence left: (prompt ids, positions prefilled), kept
+        # for prefix reuse until the slot is taken (idle rows write past it, see _decode).
+        self.retained: list[Optional[tuple[list[int], int]]] = [None] * max_batch
         self.slots: list[Optional[_Running]] = [None] * max_batch
         self.waiting: collections.deque[_Running] = collections.deque()
         self.prefilling: collections.deque[_Running] = collections.deque()
@@ -342,39 +347,63 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self._lock:
-            for slot in range(self.max_batch):
-                if not self.waiting:
+            while self.waiting:
+                free = [slot for slot in range(self.max_batch) if self.slots[slot] is None]
+                if not free:
                     break
-                if self.slots[slot] is None:
-                    seq = self.waiting.popleft()
-                    seq.slot = slot
-                    self.slots[slot] = seq
-                    reset_recurrent(batch_rows(self.cache, slot, slot + 1))
-                    self.prefilling.append(seq)
+                seq = self.waiting.popleft()
+                slot = free[0]
+                if self.prefix_reuse:
+                    # The free slot that already holds most of this prompt (no copy needed);
+                    # among equals, one that holds nothing, so that other prefixes stay.
+                    slot = max(free, key=lambda s: (self._shared_chunks(seq, *(self.retained[s] or ((), 0))),
+                                                    self.retained[s] is None, -s))
+                    kept = self._shared_chunks(seq, *(self.retained[slot] or ((), 0)))
+                    if kept:
+                        seq.prefilled = kept
+                        self._count_reused(kept)
+                seq.slot = slot
+                self.slots[slot] = seq
+                self.retained[slot] = None
+                reset_recurrent(batch_rows(self.cache, slot, slot + 1))
+                self.prefilling.append(seq)
+
+    def _shared_chunks(self, seq: _Running, theirs, valid: int) -> int:
+        """Prompt positions of `seq` in whole prefill chunks that equal `theirs` within its first
+        `valid` positions, leaving at least one token of `seq` to prefill (it gives the logits)."""
+        ids, chunk = seq.spec.prompt_ids, self.prefill_chunk
+        limit, shared = min(valid, len(ids) - 1), 0
+        # Compare chunk by chunk (list slices compare in C).
+        while shared + chunk <= limit and ids[shared:shared + chunk] == theirs[shared:shared + chunk]:
+            shared += chunk
+        return shared
+
+    def _count_reused(self, n: int) -> None:
+        self.reused_tokens += n
+        if self.metrics is not None:
+            self.metrics.prompt_tokens_reused.inc(n)
 
     def _reuse_prefix(self, seq: _Running) -> None:
         """Before `seq` prefills its next chunk: copy the longest run of whole prefill chunks of
-        its prompt that another sequence in a slot has prefilled, beyond what `seq` has (leaving
-        at least one token: the last chunk gives the logits). Checked at every chunk, so prompts
-        admitted together copy what the first of them computes."""
-        ids, chunk = seq.spec.prompt_ids, self.prefill_chunk
+        its prompt that another slot holds (a running sequence's prefilled prompt, or what a
+        finished one left), beyond what `seq` has. Checked at every chunk, so prompts admitted
+        together copy what the first of them computes."""
         best, source = seq.prefilled, None
-        for other in self.slots:
-            if other is None or other is seq or other.finished or other.prefilled < chunk:
+        for slot in range(self.max_batch):
+            other = self.slots[slot]
+            if other is not None and other is not seq and not other.finished:
+                held = (other.spec.prompt_ids, other.prefilled)
+            elif other is None and self.retained[slot] is not None:
+                held = self.retained[slot]
+            else:
                 continue
-            limit = min(other.prefilled, len(ids) - 1)
-            theirs, shared = other.spec.prompt_ids, 0
-            # Compare chunk by chunk (list slices compare in C).
-            while shared + chunk <= limit and ids[shared:shared + chunk] == theirs[shared:shared + chunk]:
-                shared += chunk
+            shared = self._shared_chunks(seq, *held)
             if shared > best:
-                best, source = shared, other.slot
+                best, source = shared, slot
         if source is None:
             return
         copy_positions(self.cache, source, seq.slot, seq.prefilled, best)
-        self.reused_tokens += best - seq.prefilled
-        if self.metrics is not None:
-            self.metrics.prompt_tokens_reused.inc(best - seq.prefilled)
+        self._count_reused(best - seq.prefilled)
         seq.prefilled = best
 
     def _prefill_some(self) -> None:
@@ -404,7 +433,8 @@ class Scheduler:
         busy = [s for s in self.slots if s is not None]
         rows = self.decode_rows(1 + max(s.slot for s in busy))
         tokens = [0] * rows
-        positions = [0] * rows
+        # Idle rows compute a dummy token; it is written just past what the slot retains.
+        positions = [kept[1] if kept is not None else 0 for kept in self.retained[:rows]]
         for seq in busy:
             if seq.slot >= rows:
                 continue
@@ -487,6 +517,8 @@ class Scheduler:
         tail = seq.tracker.flush() if reason != "cancelled" else ""
         if seq.slot is not None and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
+            if self.prefix_reuse and seq.prefilled >= self.prefill_chunk:
+                self.retained[seq.slot] = (seq.spec.prompt_ids, seq.prefilled)
         if self.metrics is not None:
             self.metrics.requests_finished.labels(reason).inc()
         seq.emit(FinishEvent(seq.spec.index, tail, reason, len(seq.spec.prompt_ids), len(seq.ids)))
