@@ -8,12 +8,13 @@
 
 How it runs (each loop iteration is bounded):
 1. Cancelled sequences (client gone, server stopping) leave and free their slot at once.
-2. Waiting sequences take free slots (lowest first); a slot's recurrent state is zeroed. A
-   prompt that starts with whole prefill chunks that another slot holds (a running sequence's
-   prefilled prompt, or what a finished one left in its idle slot: a shared system prompt, the
-   earlier turns of a chat) takes that slot if it is free, or copies those keys/values,
-   instead of computing them (models with a KV cache only: recurrent states cannot be taken
-   mid-sequence). Idle rows write their dummy decode token just past what their slot keeps.
+2. Waiting sequences take free slots (lowest first, but see prefix reuse); a slot's recurrent
+   state is zeroed. Prefix reuse: a prompt that starts with whole prefill chunks another slot
+   holds (a running sequence's prefilled prompt, or what a finished one left in its idle
+   slot: a shared system prompt, the earlier turns of a chat) takes that slot if it is free,
+   or copies those keys/values, instead of computing them (models with a KV cache only:
+   recurrent states cannot be taken mid-sequence). Idle rows write their dummy decode token
+   just past what their slot keeps.
 3. Prefill: prompts are prefilled alone (batch 1) into their slot, in chunks of `prefill_chunk`
    tokens, at most `prefill_chunk` tokens per iteration in all, so that a long prompt does
    not stall the streams already running: they decode between its chunks.
