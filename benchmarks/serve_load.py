@@ -325,7 +325,8 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,4,16,64")
-    p.add_argument("--per-client", type=int, default=3, help="requests per client at each level (at least 16 in all)")
+    p.add_argument("--per-client", type=int, default=8,
+                   help="requests per client at each level (at least 16 in all; fewer weigh the ramp up and down more)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=240, help="time limit of each level")
