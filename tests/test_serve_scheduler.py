@@ -381,3 +381,24 @@ def test_a_warm_up_that_fails_is_reported_and_the_thread_ends():
     scheduler.start(threads=1, warm_up=True)
     assert scheduler.wait_ready(timeout=TIMEOUT_S) is False
     assert isinstance(scheduler.error, UserError) and not scheduler.alive and not scheduler.ready.is_set()
+
+
+@pytest.mark.parametrize("batch_invariant,decode_group,unrelated_slot",
+                         [(True, None, 1), (True, 2, 0), (False, None, 0)])
+def test_slot_choice_keeps_prefixes_only_where_rows_cost_nothing(batch_invariant, decode_group, unrelated_slot):
+    """A prompt takes the free slot that holds its prefix. An unrelated prompt spares a slot
+    that holds one only when every step computes the whole pool anyway; otherwise it takes
+    the lowest free slot, since rows up to the highest busy one are computed."""
+    scheduler = Scheduler(tiny_engine(), max_batch=4, prefill_chunk=8, batch_invariant=batch_invariant,
+                          decode_group=decode_group)
+    kept = list(b"You are a terse assistant. ")
+    scheduler.retained[0] = (kept, 24)
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    scheduler.submit([SequenceSpec("u", 0, list(b"something else entirely"), params)], lambda e: None)
+    scheduler._admit()
+    assert scheduler.slots[unrelated_slot].spec.request_id == "u"
+    if unrelated_slot == 0:
+        return  # the prefix was given up for the lower slot
+    scheduler.submit([SequenceSpec("m", 0, kept + list(b"Say hi."), params)], lambda e: None)
+    scheduler._admit()
+    assert scheduler.slots[0].spec.request_id == "m" and scheduler.slots[0].prefilled == 24

@@ -355,10 +355,13 @@ class Scheduler:
                 seq = self.waiting.popleft()
                 slot = free[0]
                 if self.prefix_reuse:
-                    # The free slot that already holds most of this prompt (no copy needed);
-                    # among equals, one that holds nothing, so that other prefixes stay.
+                    # The free slot that already holds most of this prompt (no copy needed).
+                    # Among equals, when every step computes the whole pool anyway, one that
+                    # holds nothing, so that other prefixes stay; otherwise the lowest, since
+                    # rows up to the highest busy slot are computed.
+                    whole_pool = self.batch_invariant and self.group == self.max_batch
                     slot = max(free, key=lambda s: (self._shared_chunks(seq, *(self.retained[s] or ((), 0))),
-                                                    self.retained[s] is None, -s))
+                                                    whole_pool and self.retained[s] is None, -s))
                     kept = self._shared_chunks(seq, *(self.retained[slot] or ((), 0)))
                     if kept:
                         seq.prefilled = kept
