@@ -94,7 +94,7 @@ def test_masked_slots_past_every_row_change_no_bit_of_a_decode_step(preset, dtyp
     nothing). ALiBi + xPos and token shift (andromeda-tiny) included. The scheduler's spans
     are powers of two from 64 (or the whole cache): a span that is not a multiple of the
     kernel's vector width can round a row that reaches into its last slots differently."""
-    from andromeda.infer.cache import batch_rows, first_positions
+    from andromeda.infer.cache import batch_rows
     from andromeda.infer.generate import prefill
 
     engine = tiny_engine(preset, max_seq_len=256)
@@ -111,10 +111,10 @@ def test_masked_slots_past_every_row_change_no_bit_of_a_decode_step(preset, dtyp
         for span in (64, 128, 256):
             for buf, value in zip(cache.buffers(), saved):  # every span decodes the same state
                 buf.copy_(value)
-            results.append(model(tokens, cache=first_positions(cache, span), start_pos=pos, last_only=True))
+            results.append(model(tokens, cache=batch_rows(cache, 0, 4, span), start_pos=pos, last_only=True))
         for span in (40, 3):  # a span short of the furthest row cannot take its token
             with pytest.raises((IndexError, RuntimeError)):
-                model(tokens, cache=first_positions(cache, span), start_pos=pos, last_only=True)
+                model(tokens, cache=batch_rows(cache, 0, 4, span), start_pos=pos, last_only=True)
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 

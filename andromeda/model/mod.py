@@ -34,7 +34,7 @@ from andromeda.model.config import ModelConfig
 from andromeda.model.layer import InitRule
 from andromeda.model.linear import make_linear
 from andromeda.model.position import Rotary
-from andromeda.model.state import Aux, Context, LayerState, Positions, merge_aux, recurrent_buffers, row_view
+from andromeda.model.state import Aux, Context, LayerState, Positions, merge_aux, recurrent_buffers, state_view
 
 Body = Callable[[torch.Tensor, Context, Optional[LayerState]], tuple[torch.Tensor, Optional[Aux]]]
 """A block's residual computation: (x, ctx, state) -> (x after the block, aux)."""
@@ -137,7 +137,7 @@ class MixtureOfDepths(nn.Module):
             doc = doc_ids[b:b + 1, sel] if doc_ids is not None else None
             sub = x[b:b + 1, sel]
             y, inner = body(sub, self._context(ctx, start, sel.numel(), x.device, x.dtype, doc),
-                            row_view(state, slice(b, b + 1)))
+                            state_view(state, slice(b, b + 1)))
             out[b, sel] = (sub + (y - sub) * weight[b, sel][None, :, None])[0]
             aux = merge_aux(aux, inner)
         state.route.count += chosen.sum(dim=1)

@@ -13,9 +13,9 @@ Offers:
 - Inference state: `KVCache` (keys/values of the KV heads only, written at absolute positions),
   `ShiftState` (the last inputs of a token-shift site), `LayerState` (a layer's named parts),
   `ModelCache` (one LayerState per layer); each layer makes its own (`new_state`).
-- `row_view(state, rows)`: a view of some batch rows of a state tree sharing its storage.
-- `span_view(state, span)`: a view whose KV caches hold only positions 0..span-1 (batched
-  decoding reads no further than the furthest row needs).
+- `state_view(state, rows, span=None)`: a view of some batch rows of a state tree sharing its
+  storage, with `span` also cut to cache positions 0..span-1 (batched decoding reads no further
+  than the furthest row needs).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class KVCache(nn.Module):
             self.k[rows, :, pos.ids] = k.transpose(1, 2)  # advanced indices first: (B, L, KVH, hd)
             self.v[rows, :, pos.ids] = v.transpose(1, 2)
         # The buffer's own length (not max_len): a compiled step then keeps one graph for
-        # every span view of the cache (span_view), the length being a symbolic size.
+        # every span view of the cache (state_view), the length being a symbolic size.
         return self.k, self.v, torch.arange(self.k.shape[2], device=k.device)
 
 
@@ -149,39 +149,30 @@ class ModelCache(nn.Module):
         self.batch = batch
 
 
-def row_view(state: Optional[nn.Module], rows: slice) -> Optional[nn.Module]:
+def state_view(state: Optional[nn.Module], rows: slice = slice(None), span: Optional[int] = None
+               ) -> Optional[nn.Module]:
     """A shallow copy of a state tree whose buffers are views of batch `rows`, so writes through
-    the copy land in the original storage (prefill one prompt into its row of a batch cache)."""
+    the copy land in the original storage (prefill one prompt into its row of a batch cache).
+    With `span`, its KV caches are also cut to positions 0..span-1: batched decoding at per-row
+    positions reads the whole cache it is given (slots past a row's position are masked), so
+    with every row below `span` the slots beyond need not be read at all. Other states (token
+    shift, SSM) are not addressed by position and keep their whole rows."""
     if state is None:
         return None
     view = object.__new__(type(state))
     view.__dict__ = dict(state.__dict__)
-    view.__dict__["_buffers"] = {k: (b[rows] if b is not None else None) for k, b in state._buffers.items()}
-    view.__dict__["_modules"] = {k: row_view(m, rows) for k, m in state._modules.items()}
+    cut = span is not None and isinstance(state, KVCache)
+    if cut and not 0 < span <= state.max_len:
+        raise ValueError(f"a span of {span} positions does not fit a KV cache of {state.max_len}")
+    view.__dict__["_buffers"] = {k: None if b is None else b[rows, :, :span] if cut else b[rows]
+                                 for k, b in state._buffers.items()}
+    view.__dict__["_modules"] = {k: state_view(m, rows, span) for k, m in state._modules.items()}
+    if cut:
+        view.max_len = span
     if isinstance(view, ModelCache):
         view.batch = len(range(*rows.indices(state.batch)))
-    return view
-
-
-def span_view(state: Optional[nn.Module], span: int) -> Optional[nn.Module]:
-    """A shallow copy of a state tree whose KV caches are views of positions 0..span-1, sharing
-    storage with the original. Batched decoding at per-row positions reads the whole cache it is
-    given (slots past a row's position are masked); with every row's position below `span`,
-    the slots beyond are masked for every row and need not be read at all. Other states
-    (token shift, SSM) are not addressed by position and pass through whole."""
-    if state is None:
-        return None
-    view = object.__new__(type(state))
-    view.__dict__ = dict(state.__dict__)
-    if isinstance(state, KVCache):
-        if not 0 < span <= state.max_len:
-            raise ValueError(f"a span of {span} positions does not fit a KV cache of {state.max_len}")
-        view.__dict__["_buffers"] = {k: b[:, :, :span] for k, b in state._buffers.items()}
-        view.max_len = span
-        return view
-    view.__dict__["_modules"] = {k: span_view(m, span) for k, m in state._modules.items()}
-    if isinstance(view, ModelCache):
-        view.max_len = min(span, state.max_len)
+        if span is not None:
+            view.max_len = min(span, state.max_len)
     return view
 
 

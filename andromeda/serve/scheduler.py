@@ -57,7 +57,7 @@ from typing import Callable, Optional
 
 import torch
 
-from andromeda.infer.cache import batch_rows, copy_positions, first_positions, recurrent_buffers, reset_recurrent
+from andromeda.infer.cache import batch_rows, copy_positions, recurrent_buffers, reset_recurrent
 from andromeda.infer.generate import DecodeStep, TextTracker, prefill
 from andromeda.infer.sampling import SamplingParams, logits_to_probs, pick
 
@@ -216,7 +216,7 @@ class Scheduler:
         `span` cache slots."""
         key = (lo, rows, span)
         if key not in self._steps:
-            view = first_positions(batch_rows(self.cache, lo, lo + rows), span)
+            view = batch_rows(self.cache, lo, lo + rows, span)
             self._steps[key] = DecodeStep(self.model, view, compile=self.engine.compile)
         return self._steps[key]
 
