@@ -109,11 +109,8 @@ def run(args) -> int:
     with tqdm(total=len(scheduler.step_shapes()), desc="compiling decode steps", unit="shape", file=sys.stderr,
               dynamic_ncols=True, disable=not args.compile) as bar:
         scheduler.start(threads=threads, warm_up=args.compile, progress=lambda done, total: bar.update(1))
-        # Bounded by the thread: it either serves or dies (a compile error), whichever comes first.
-        while not scheduler.wait_ready(timeout=1.0):
-            if not scheduler.alive:
-                break
-    if not scheduler.ready.is_set():
+        ready = scheduler.wait_ready()  # until it serves or its warm-up fails
+    if not ready:
         if isinstance(scheduler.error, UserError):
             raise scheduler.error
         raise UserError(f"the scheduler stopped before serving: {scheduler.error!r}")

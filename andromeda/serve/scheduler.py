@@ -155,6 +155,7 @@ class Scheduler:
         self._steps: dict[tuple[int, int, int], DecodeStep] = {}
         self._recurrent = recurrent_buffers(self.cache)
         self.prefix_reuse = prefix_reuse and not self._recurrent
+        self._whole_pool = batch_invariant and self.group == max_batch  # every step computes every row
         self.reused_tokens = 0
         # Per free slot, what its last sequence left: (prompt ids, positions prefilled), kept
         # for prefix reuse until the slot is taken (idle rows write past it, see _decode).
@@ -272,12 +273,13 @@ class Scheduler:
                                         name="andromeda-scheduler", daemon=True)
         self._thread.start()
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until the thread serves (True), has died (False, see `error`) or `timeout` passed."""
-        deadline = time.monotonic() + timeout
-        while not self.ready.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
-            if not self.alive or time.monotonic() >= deadline:
-                return False
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the thread serves (True), has ended (False, see `error`) or `timeout`
+        passed; without a timeout the wait is bounded by the thread's warm-up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready.wait(0.5):
+            if not self.alive or (deadline is not None and time.monotonic() >= deadline):
+                return self.ready.is_set()
         return True
 
     def _main(self, threads: Optional[int], warm_up: bool, progress) -> None:
@@ -359,13 +361,11 @@ class Scheduler:
                     # Among equals, when every step computes the whole pool anyway, one that
                     # holds nothing, so that other prefixes stay; otherwise the lowest, since
                     # rows up to the highest busy slot are computed.
-                    whole_pool = self.batch_invariant and self.group == self.max_batch
-                    slot = max(free, key=lambda s: (self._shared_chunks(seq, *(self.retained[s] or ((), 0))),
-                                                    whole_pool and self.retained[s] is None, -s))
-                    kept = self._shared_chunks(seq, *(self.retained[slot] or ((), 0)))
-                    if kept:
-                        seq.prefilled = kept
-                        self._count_reused(kept)
+                    kept = {s: self._shared_chunks(seq, *self.retained[s]) if self.retained[s] else 0 for s in free}
+                    slot = max(free, key=lambda s: (kept[s], self._whole_pool and self.retained[s] is None, -s))
+                    if kept[slot]:
+                        seq.prefilled = kept[slot]
+                        self._count_reused(kept[slot])
                 seq.slot = slot
                 self.slots[slot] = seq
                 self.retained[slot] = None
