@@ -141,7 +141,8 @@ class LlamaServer:
     """llama.cpp's `llama-server` on an f32 GGUF export of the same checkpoint: `slots`
     parallel sequences of `ctx` tokens each, continuous batching (its default)."""
 
-    def __init__(self, binary: str, ckpt: Path, folder: Path, slots: int, threads: int, ctx: int):
+    def __init__(self, binary: str, ckpt: Path, folder: Path, slots: int, threads: int, ctx: int,
+                 start_timeout: float = 120):
         from andromeda.checkpoint import load_checkpoint
         from andromeda.interop.gguf import export_gguf
 
@@ -156,16 +157,16 @@ class LlamaServer:
         self.command = " ".join(cmd[:1] + ["-m", "FILE.gguf"] + cmd[3:])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: ask again until the deadline
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
-                raise SystemExit("llama-server did not start")
+                raise SystemExit(f"llama-server did not start within {start_timeout:.0f} s")
             time.sleep(0.2)
 
     stop = Server.stop
@@ -260,7 +261,7 @@ def level(url: str, requests: list[dict], clients: int, max_seconds: float, late
 
 def llama_server_levels(binary: str, ckpt: Path, folder: Path, args, levels: list[int]) -> dict:
     """The same levels and requests against llama.cpp's server (throughput only)."""
-    peer = LlamaServer(binary, ckpt, folder, args.max_batch, args.threads, args.ctx)
+    peer = LlamaServer(binary, ckpt, folder, args.max_batch, args.threads, args.ctx, args.start_timeout)
     results = {"command": peer.command}
     try:
         level(peer.url, make_requests(2, seed=99), 2, args.max_seconds, keepalive=False)  # warm-up

@@ -296,6 +296,18 @@ def test_step_shapes_cover_what_decoding_asks_for():
     assert [Scheduler(engine, max_batch=6, batch_invariant=False).decode_rows(n) for n in (3, 5)] == [3, 5]
 
 
+def answer_without_reuse(engine, prompt, params, max_batch):
+    """(ids, logprobs, finish) of `prompt` from a scheduler that prefills every prompt itself."""
+    plain = Scheduler(engine, max_batch=max_batch, prefill_chunk=8, prefix_reuse=False)
+    plain.start()
+    try:
+        answer = run_requests(plain, [(prompt, params)])[0]
+    finally:
+        plain.stop(5)
+    assert plain.reused_tokens == 0
+    return answer
+
+
 def test_a_shared_prompt_prefix_is_copied_from_a_running_sequence_bit_for_bit():
     """B starts with whole prefill chunks that A, still running, has prefilled: B copies their
     keys/values instead of computing them, and gets exactly the tokens and logprobs it gets
@@ -305,13 +317,7 @@ def test_a_shared_prompt_prefix_is_copied_from_a_running_sequence_bit_for_bit():
     system = "You are a terse assistant. "  # 27 bytes: three whole chunks of 8
     b_prompt = system + "Say hi."
     params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
-    plain = Scheduler(engine, max_batch=4, prefill_chunk=8, prefix_reuse=False)
-    plain.start()
-    try:
-        alone = run_requests(plain, [(b_prompt, params)])[0]
-    finally:
-        plain.stop(5)
-    assert plain.reused_tokens == 0
+    alone = answer_without_reuse(engine, b_prompt, params, max_batch=4)
     scheduler = Scheduler(engine, max_batch=4, prefill_chunk=8)
     scheduler.start()
     try:
@@ -341,12 +347,7 @@ def test_a_finished_requests_prompt_stays_reusable_through_other_traffic():
     engine = tiny_engine()
     prompt = "You are a terse assistant. Say hi."  # 34 bytes: 32 reusable, the last 2 prefilled
     params = SamplingParams(max_new_tokens=6, temperature=0)
-    plain = Scheduler(engine, max_batch=3, prefill_chunk=8, prefix_reuse=False)
-    plain.start()
-    try:
-        alone = run_requests(plain, [(prompt, params)])[0]
-    finally:
-        plain.stop(5)
+    alone = answer_without_reuse(engine, prompt, params, max_batch=3)
     scheduler = Scheduler(engine, max_batch=3, prefill_chunk=8)
     scheduler.start()
     try:
