@@ -1,8 +1,8 @@
 """`andromeda serve` as a user meets it: a real server process on 127.0.0.1, called with the
 official `openai` client (and httpx for raw bodies). Completions and chat, streamed and not,
-n > 1, seeds, stop, logprobs, the same text as `andromeda generate`, determinism among
-concurrent streams, a client disconnecting mid-stream, every bad input, API key, full queue,
-graceful shutdown."""
+n > 1, seeds, stop, logprobs, the same text as `andromeda generate` (also with a shared
+system prompt reused from other requests), determinism among concurrent streams, a client
+disconnecting mid-stream, every bad input, API key, full queue, graceful shutdown."""
 
 import concurrent.futures
 import json
@@ -266,3 +266,28 @@ def test_chat_answers_as_andromeda_chat_does(ckpt, client):
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
     got = client.chat.completions.create(messages=messages, **kw).choices[0].message.content
     assert got.strip() == second
+
+
+def test_a_shared_system_prompt_is_reused_and_answers_as_generate_prints(ckpt, capsys):
+    """Through HTTP with prefix reuse at work (chunks of 8; one after another, then together):
+    every answer is the text `andromeda generate` prints with the same prefill chunks, and the
+    server's metrics show the shared positions were copied, not prefilled again."""
+    system = "You are a terse assistant who answers in one line. "  # 51 bytes: 6 whole chunks
+    prompts = [system + "Greet me.", system + "Name a colour.", system + "Count to three."]
+    with running_server(ckpt, "--max-batch", "4", "--prefill-chunk", "8") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", timeout=HTTP_TIMEOUT_S, max_retries=0)
+
+        def ask(prompt):
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+        one_by_one = [ask(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(ask, prompts))
+        metrics = httpx.get(s.url + "/metrics", timeout=HTTP_TIMEOUT_S).text
+    reused = next(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("andromeda_prompt_tokens_reused_total "))
+    assert reused >= 48 * (len(prompts) - 1)  # at least every prompt after the first, one by one
+    for prompt, first, second in zip(prompts, one_by_one, together):
+        expected = generate_cli(ckpt, capsys, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+                                "--prefill-chunk", "8")["text"]
+        assert first == second == expected
